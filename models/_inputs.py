@@ -1,0 +1,48 @@
+"""Column extraction shared by the forecasters (private helper).
+
+Every forecaster reads decimal log returns per bar from the ``ret`` column of the feature frame.
+Rows with a NaN return (the first bar, gaps the pipeline could not bridge) are skipped. A return
+that spans several bars across a gap (``ret_bars > 1``) is rescaled by ``1/sqrt(ret_bars)`` so that
+every value fed to a per-bar variance model is a one-bar return.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+VARIANCE_FLOOR = 1e-12
+"""Smallest per-bar variance any forecaster reports (decimal log-return units)."""
+
+
+def per_bar_returns(frame: pd.DataFrame, column: str = "ret") -> pd.Series:
+    """Decimal one-bar log returns, NaN rows dropped, multi-bar gap returns rescaled.
+
+    Parameters
+    ----------
+    frame : pd.DataFrame
+        Feature frame with at least ``column`` (decimal log returns); ``ret_bars`` is used when present.
+    column : str
+        Name of the return column.
+
+    Returns
+    -------
+    pd.Series
+        float64 returns indexed by the bar timestamps (UTC), without NaN.
+    """
+    if column not in frame.columns:
+        raise ValueError(f"column {column!r} is not in the frame; columns are {list(frame.columns)}")
+    r = frame[column].astype("float64")
+    if "ret_bars" in frame.columns:
+        nb = frame["ret_bars"].astype("float64").fillna(1.0).clip(lower=1.0)
+        r = r / np.sqrt(nb)
+    r = r[np.isfinite(r.to_numpy())]
+    return r
+
+
+def positive_column(frame: pd.DataFrame, column: str, floor: float = 1e-10) -> pd.Series:
+    """A variance column as float64 with values floored at ``floor`` (NaN kept)."""
+    if column not in frame.columns:
+        raise ValueError(f"column {column!r} is not in the frame; columns are {list(frame.columns)}")
+    s = frame[column].astype("float64")
+    return s.where(s.isna(), s.clip(lower=floor))
