@@ -32,12 +32,13 @@ def per_bar_returns(frame: pd.DataFrame, column: str = "ret") -> pd.Series:
     """
     if column not in frame.columns:
         raise ValueError(f"column {column!r} is not in the frame; columns are {list(frame.columns)}")
-    r = frame[column].astype("float64")
+    r = frame[column].to_numpy(dtype=np.float64, na_value=np.nan)
     if "ret_bars" in frame.columns:
-        nb = frame["ret_bars"].astype("float64").fillna(1.0).clip(lower=1.0)
+        nb = frame["ret_bars"].to_numpy(dtype=np.float64, na_value=np.nan)
+        nb = np.where(np.isfinite(nb) & (nb > 1.0), nb, 1.0)
         r = r / np.sqrt(nb)
-    r = r[np.isfinite(r.to_numpy())]
-    return r
+    keep = np.isfinite(r)
+    return pd.Series(r[keep], index=frame.index[keep], name=column)
 
 
 def positive_column(frame: pd.DataFrame, column: str, floor: float = 1e-10) -> pd.Series:

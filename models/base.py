@@ -252,9 +252,10 @@ class VolatilityForecast:
 class Forecaster:
     """Base class of every volatility forecaster.
 
-    Subclasses implement ``_fit(frame)``, ``_predict(horizon) -> VolatilityForecast`` and, when a
-    cheaper path than refitting exists, ``_update(new_bars)`` (the default re-filters by calling
-    ``_filter`` on the concatenated data with fixed parameters, which subclasses must provide).
+    Subclasses implement ``_fit(frame)`` (estimate, then build the state), ``_filter(frame)`` (rebuild
+    the state over ``frame`` with fixed parameters), ``_update(new_bars)`` (advance the state
+    incrementally, equal to ``_filter`` on the concatenated bars) and
+    ``_predict(horizon) -> VolatilityForecast``.
 
     ``frame`` is the prepared bar frame from ``data_pipelines.features.build_features``: a UTC
     ``DatetimeIndex`` and at least the column ``ret`` (decimal log return per bar). Models take the
@@ -342,6 +343,19 @@ class Forecaster:
         self.last_time_ = new_bars.index[-1]
         return self
 
+    def filter(self, frame: pd.DataFrame) -> Forecaster:
+        """Re-run the fitted model over all bars of ``frame`` with its parameters fixed (no estimation).
+
+        The state (last bar, filtered variances, residuals) is rebuilt from ``frame`` alone, so
+        ``fit(A).update(B)`` and ``fit(A).filter(A + B)`` give the same forecasts.
+        """
+        self._check_fitted()
+        frame = self._validate_frame(frame)
+        self._filter(frame)
+        self.n_obs_ = int(len(frame))
+        self.last_time_ = frame.index[-1]
+        return self
+
     def predict_variance(self, horizon: int = 1) -> VolatilityForecast:
         """Per-step variance for the next ``horizon`` bars from the last bar seen (one origin)."""
         self._check_fitted()
@@ -353,15 +367,21 @@ class Forecaster:
         return fc
 
     # -- to implement
+    #: fitted attributes that survive a refit (e.g. last good parameters used as warm starts)
+    _persistent: ClassVar[tuple[str, ...]] = ()
+
     def _reset(self) -> None:
         for k in list(vars(self)):
-            if k.endswith("_") and not k.startswith("__"):
+            if k.endswith("_") and not k.startswith("__") and k not in self._persistent:
                 delattr(self, k)
 
     def _fit(self, frame: pd.DataFrame) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _update(self, new_bars: pd.DataFrame) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _filter(self, frame: pd.DataFrame) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _predict(self, horizon: int) -> VolatilityForecast:  # pragma: no cover - abstract

@@ -74,9 +74,12 @@ class EWMA(Forecaster):
         r = per_bar_returns(frame).to_numpy()
         if len(r) < 2:
             raise ValueError(f"EWMA needs at least 2 returns, got {len(r)}")
-        s0 = max(float(np.mean(r[: int(self.init_bars)] ** 2)), VARIANCE_FLOOR)
-        s = ewma_filter(r, float(self.lam), s0)
-        self.s0_ = s0
+        self.s0_ = max(float(np.mean(r[: int(self.init_bars)] ** 2)), VARIANCE_FLOOR)
+        self._filter(frame)
+
+    def _filter(self, frame: pd.DataFrame) -> None:
+        r = per_bar_returns(frame).to_numpy()
+        s = ewma_filter(r, float(self.lam), self.s0_)
         self.var_next_ = float(s[-1])
         self.std_resid_ = r / np.sqrt(s[:-1])
 

@@ -1,0 +1,200 @@
+"""HAR (Corsi 2009) and log-HAR forecasters on a range-based or realized variance column.
+
+Regressors at bar ``t`` are trailing means of the variance proxy ``v`` over the last bar and over
+1, 7 and 30 days (expressed in bars from ``frame.attrs["bars_per_year"]``; duplicated windows are
+dropped, so daily bars use 1, 7 and 30 bars). Each horizon step ``k = 1..max_horizon`` has its own OLS
+regression of ``v[t+k]`` on the regressors at ``t`` (direct per-step forecasts, never cumulative).
+Steps beyond ``max_horizon`` repeat the last fitted step.
+
+log-HAR regresses ``ln v`` on the logs of the regressors and returns
+``exp(fitted + s_k^2 / 2)`` where ``s_k^2`` is the residual variance of step ``k`` (log-normal bias
+correction).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from models._inputs import VARIANCE_FLOOR, per_bar_returns, positive_column
+from models.base import Forecaster, VolatilityForecast, register
+
+__all__ = ["HAR", "LogHAR", "har_windows", "har_design"]
+
+HAR_DAYS = (1, 7, 30)
+
+
+def har_windows(bars_per_year: float | None) -> tuple[int, ...]:
+    """Trailing windows in bars: the last bar plus 1, 7 and 30 days (365-day years)."""
+    bpd = 1.0 if not bars_per_year else float(bars_per_year) / 365.0
+    wins = {1} | {max(1, round(d * bpd)) for d in HAR_DAYS}
+    return tuple(sorted(wins))
+
+
+def har_design(v: np.ndarray, windows: tuple[int, ...]) -> np.ndarray:
+    """Trailing means of ``v`` (NaN skipped) over each window; row ``t`` uses ``v[:t+1]`` only.
+
+    Returns an ``(n, len(windows))`` array; entries with no finite value in their window are NaN.
+    """
+    v = np.asarray(v, dtype=np.float64)
+    finite = np.isfinite(v)
+    cs = np.concatenate([[0.0], np.cumsum(np.where(finite, v, 0.0))])
+    cn = np.concatenate([[0], np.cumsum(finite)])
+    n = len(v)
+    out = np.empty((n, len(windows)))
+    t = np.arange(n)
+    for j, w in enumerate(windows):
+        lo = np.maximum(t + 1 - w, 0)
+        s = cs[t + 1] - cs[lo]
+        c = cn[t + 1] - cn[lo]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, j] = np.where(c > 0, s / np.maximum(c, 1), np.nan)
+    return out
+
+
+@register
+class HAR(Forecaster):
+    """Heterogeneous autoregressive model of a per-bar variance proxy, fitted by OLS.
+
+    Parameters
+    ----------
+    column : str
+        Variance column to model: ``"var_gk"`` (Garman-Klass, default), another range estimator,
+        ``"rv"``, or ``"auto"`` (``rv`` when at least 90% of it is present, else ``var_gk``).
+    max_horizon : int
+        Number of horizon steps with their own direct regression.
+    log : bool
+        Fit in logs (log-HAR) with the ``exp(s^2/2)`` bias correction.
+    windows : tuple of int or None
+        Trailing windows in bars; None derives them from ``frame.attrs["bars_per_year"]``.
+    min_obs : int
+        Fewest usable regression rows.
+    """
+
+    name = "har"
+    required_columns = ("ret",)
+
+    def __init__(
+        self,
+        *,
+        column: str = "var_gk",
+        max_horizon: int = 10,
+        log: bool = False,
+        windows: tuple[int, ...] | None = None,
+        min_obs: int = 60,
+    ) -> None:
+        self.column = column
+        self.max_horizon = max_horizon
+        self.log = log
+        self.windows = windows
+        self.min_obs = min_obs
+
+    def _resolve_column(self, frame: pd.DataFrame) -> str:
+        if self.column != "auto":
+            if self.column not in frame.columns:
+                raise ValueError(f"column {self.column!r} is not in the frame; columns are {list(frame.columns)}")
+            return self.column
+        if "rv" in frame.columns and frame["rv"].notna().mean() >= 0.9:
+            return "rv"
+        if "var_gk" not in frame.columns:
+            raise ValueError("column='auto' needs 'rv' (>= 90% present) or 'var_gk' in the frame")
+        return "var_gk"
+
+    def _fit(self, frame: pd.DataFrame) -> None:
+        if int(self.max_horizon) < 1:
+            raise ValueError(f"max_horizon must be >= 1, got {self.max_horizon!r}")
+        col = self._resolve_column(frame)
+        wins = tuple(int(w) for w in (self.windows or har_windows(frame.attrs.get("bars_per_year"))))
+        if any(w < 1 for w in wins):
+            raise ValueError(f"windows must be positive bar counts, got {wins}")
+        v = positive_column(frame, col).to_numpy()
+        X = har_design(v, wins)
+        H = int(self.max_horizon)
+        start = max(wins) - 1  # first row with full windows
+        n = len(v)
+        coefs = np.empty((H, len(wins) + 1))
+        s2 = np.zeros(H)
+        for k in range(1, H + 1):
+            rows = np.arange(start, n - k)
+            y = v[rows + k]
+            Xk = X[rows]
+            ok = np.isfinite(y) & np.all(np.isfinite(Xk), axis=1)
+            if ok.sum() < int(self.min_obs):
+                raise ValueError(
+                    f"{type(self).__name__} needs at least min_obs={self.min_obs} complete rows for step {k}, "
+                    f"got {int(ok.sum())} (frame has {n} bars, longest window {max(wins)})"
+                )
+            y, Xk = y[ok], Xk[ok]
+            if self.log:
+                y, Xk = np.log(y), np.log(Xk)
+            A = np.column_stack([np.ones(len(y)), Xk])
+            beta, *_ = np.linalg.lstsq(A, y, rcond=None)
+            coefs[k - 1] = beta
+            resid = y - A @ beta
+            s2[k - 1] = float(resid @ resid) / max(len(y) - A.shape[1], 1)
+        self.column_ = col
+        self.windows_ = wins
+        self.coef_ = coefs
+        self.resid_var_ = s2
+        self._filter(frame)
+
+    def _filter(self, frame: pd.DataFrame) -> None:
+        if self.column_ not in frame.columns:
+            raise ValueError(f"frame lacks the modelled column {self.column_!r}")
+        v = positive_column(frame, self.column_).to_numpy()
+        X = har_design(v, self.windows_)
+        # one-step in-sample forecasts -> standardized returns (for filtered historical simulation)
+        fitted = self._apply(X[:-1], 0)
+        r = per_bar_returns(frame).reindex(frame.index).to_numpy()[1:]
+        z = r / np.sqrt(fitted)
+        self.std_resid_ = z[np.isfinite(z)]
+        self.v_ = v[-max(self.windows_) :].copy()
+
+    def _apply(self, X: np.ndarray, step: int) -> np.ndarray:
+        beta = self.coef_[step]
+        if self.log:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out = np.exp(beta[0] + np.log(X) @ beta[1:] + 0.5 * self.resid_var_[step])
+        else:
+            out = beta[0] + X @ beta[1:]
+        return np.maximum(out, VARIANCE_FLOOR)
+
+    def _update(self, new_bars: pd.DataFrame) -> None:
+        if self.column_ not in new_bars.columns:
+            raise ValueError(f"new_bars lacks the modelled column {self.column_!r}")
+        v = positive_column(new_bars, self.column_).to_numpy()
+        r = per_bar_returns(new_bars).reindex(new_bars.index).to_numpy()
+        # standardized residuals of the new bars against the one-step forecasts made before each
+        zs = []
+        for t in range(len(v)):
+            f1 = self._apply(har_design(self.v_, self.windows_)[-1:], 0)[0]
+            zs.append(r[t] / np.sqrt(f1))
+            self.v_ = np.concatenate([self.v_, v[t : t + 1]])[-max(self.windows_) :]
+        z = np.asarray(zs)
+        self.std_resid_ = np.concatenate([self.std_resid_, z[np.isfinite(z)]])
+
+    def _predict(self, horizon: int) -> VolatilityForecast:
+        x = har_design(self.v_, self.windows_)[-1:]
+        if not np.all(np.isfinite(x)):
+            x = np.where(np.isfinite(x), x, np.nanmean(self.v_))
+        steps = [min(k, int(self.max_horizon)) - 1 for k in range(1, horizon + 1)]
+        var = np.array([self._apply(x, s)[0] for s in steps])
+        return self._forecast(var, std_resid=self.std_resid_)
+
+
+@register
+class LogHAR(HAR):
+    """log-HAR: HAR in logs with the ``exp(s^2/2)`` bias correction."""
+
+    name = "loghar"
+
+    def __init__(
+        self,
+        *,
+        column: str = "var_gk",
+        max_horizon: int = 10,
+        log: bool = True,
+        windows: tuple[int, ...] | None = None,
+        min_obs: int = 60,
+    ) -> None:
+        super().__init__(column=column, max_horizon=max_horizon, log=log, windows=windows, min_obs=min_obs)
