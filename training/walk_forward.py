@@ -150,6 +150,7 @@ class WalkForwardTask:
     embargo: int = 0
     proxy: str = "gk"
     seed: int = 0
+    keep_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,8 @@ class WalkForwardResult:
     returns : pd.DataFrame
         Realized returns of the forecast bars, columns ``r.1..r.H`` (for VaR coverage).
     folds : list of FoldRecord
+    final_model : Forecaster or None
+        The model as fitted at the last origin (kept when the task asks for it, for registration).
     post_cut : np.ndarray
         Boolean per origin: True from the cut on.
     pre_cut : np.ndarray
@@ -188,6 +191,7 @@ class WalkForwardResult:
     proxy: str
     seconds: float
     meta: dict[str, Any] = field(default_factory=dict)
+    final_model: Any = None
 
     @property
     def n_fallbacks(self) -> int:
@@ -326,6 +330,7 @@ def walk_forward(task: WalkForwardTask, progress: Callable[[int, int], None] | N
         proxy=task.proxy,
         seconds=time.perf_counter() - t_start,
         meta={"n_bars": n, "cut_pos": cut_pos, "model_repr": repr(template)},
+        final_model=model if task.keep_model else None,
     )
 
 

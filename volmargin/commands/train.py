@@ -1,0 +1,119 @@
+"""``volmargin train --config FILE`` and ``volmargin models list``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from volmargin.commands._common import console, user_errors
+
+models_app = typer.Typer(no_args_is_help=True, help="Registered volatility models.")
+
+
+def _fmt(x: object, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return "–"
+        return f"{x:.{digits}g}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.{digits}f}"
+    return str(x)
+
+
+@user_errors
+def train(
+    config: Path = typer.Option(..., "--config", "-c", help="Training config (YAML), e.g. configs/train_btc.yaml."),
+    workers: int | None = typer.Option(None, "--workers", help="Override executor.workers."),
+) -> None:
+    """Walk-forward training and evaluation; logs to MLflow and writes artifacts/train/<run id>/evaluation.json."""
+    from training.job import run_training
+    from volmargin.config import load_config
+
+    cfg = load_config(config)
+    if workers is not None:
+        if workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {workers}")
+        cfg = cfg.model_copy(update={"executor": cfg.executor.model_copy(update={"workers": workers})})
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        result = run_training(cfg, config_path=config, progress=progress)
+    df = result.held_out_table()
+    table = Table(title=f"Held-out evaluation (origins from the cut on) — run {result.run_id}")
+    for col in ("asset", "model", "QLIKE pre-cut", "in MCS", "QLIKE held-out", "MSE held-out", "n", "VaR99 exc.", "zone", "champion"):
+        table.add_column(col, justify="left" if col in ("asset", "model", "zone") else "right")
+    for r in df.to_dict("records"):
+        table.add_row(
+            str(r["asset"]).split(":")[-1],
+            str(r["model"]),
+            _fmt(r["qlike_pre"]),
+            _fmt(r["in_mcs_pre"]),
+            _fmt(r["qlike_held_out"]),
+            _fmt(r["mse_held_out"], 3),
+            _fmt(r["n_held_out"]),
+            _fmt(r["var99_breaches"]),
+            _fmt(r["traffic_light"]),
+            "★" if r["champion"] else "",
+        )
+    console.print(table)
+    for ds, ev in result.evaluation["assets"].items():
+        d = ev.get("decision")
+        if d:
+            verdict = "promoted" if d["promoted"] else "kept"
+            console.print(f"[bold]{ds}[/]: champion {d['champion_after']} ({verdict}); " + "; ".join(d["reasons"]))
+    console.print(f"evaluation: {result.evaluation_path}")
+    console.print(f"MLflow: {result.tracking_uri} (parent run {result.run_id})")
+
+
+@models_app.command("list")
+@user_errors
+def list_models(
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db."),
+) -> None:
+    """Registered models, their aliases (champion, challenger) and key metrics."""
+    from training.registry import list_registered
+    from training.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    rows = list_registered(uri)
+    table = Table(title=f"Registered models ({uri})")
+    for col in ("model", "alias", "version", "spec", "cut", "QLIKE pre-cut", "QLIKE held-out", "champion at cut"):
+        table.add_column(col)
+    for rm in rows:
+        if not rm["aliases"]:
+            table.add_row(rm["name"], "–", "", "", "", "", "", "")
+        for alias, a in rm["aliases"].items():
+            table.add_row(
+                rm["name"], alias, a["version"], str(a["model_key"]), str(a["cut"]),
+                _fmt(_float(a["qlike_pre_cut"])), _fmt(_float(a["qlike_held_out"])), str(a["champion_at_cut"] or ""),
+            )
+    if not rows:
+        console.print("no registered models yet; run `volmargin train --config configs/train_demo.yaml`")
+        return
+    console.print(table)
+
+
+def _float(s: object) -> float | None:
+    try:
+        return float(s)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``train`` and ``models`` to the main app."""
+    app.command("train")(train)
+    app.add_typer(models_app, name="models")
