@@ -1,0 +1,1 @@
+"""Neural volatility-regime forecasters (PyTorch): dataset, networks, losses, trainer, forecasters."""

@@ -1,0 +1,113 @@
+"""Networks of the neural volatility-regime forecasters (PyTorch, CPU).
+
+Both encoders read a window ``(batch, L, F)`` of standardized per-bar features and end in the same
+:class:`Heads`:
+
+* ``log_var`` ``(batch, H)`` — log of the per-step variance at steps ``1..H``;
+* ``regime_logits`` ``(batch, K)`` — next-bar regime;
+* ``z_quantiles`` ``(batch, H, Q)`` — standardized return quantiles, increasing in the level by
+  construction (first value plus cumulative softplus increments); the return quantile is
+  ``exp(log_var / 2) * z``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["Heads", "GRUNet", "TCNNet", "build_network"]
+
+
+class Heads(nn.Module):
+    """Output heads shared by every encoder."""
+
+    def __init__(self, hidden: int, horizon: int, n_regimes: int, n_quantiles: int) -> None:
+        super().__init__()
+        self.horizon = horizon
+        self.n_quantiles = n_quantiles
+        self.log_var = nn.Linear(hidden, horizon)
+        self.regime = nn.Linear(hidden, max(n_regimes, 1))
+        self.quant = nn.Linear(hidden, horizon * max(n_quantiles, 1))
+
+    def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"log_var": self.log_var(h), "regime_logits": self.regime(h)}
+        raw = self.quant(h).view(h.shape[0], self.horizon, -1)
+        if self.n_quantiles > 1:
+            inc = nn.functional.softplus(raw[..., 1:])
+            out["z_quantiles"] = torch.cat([raw[..., :1], raw[..., :1] + torch.cumsum(inc, dim=-1)], dim=-1)
+        else:
+            out["z_quantiles"] = raw
+        return out
+
+
+class GRUNet(nn.Module):
+    """One-layer GRU encoder; the last hidden state feeds the heads."""
+
+    def __init__(
+        self, n_features: int, *, hidden: int, horizon: int, n_regimes: int, n_quantiles: int, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(n_features, hidden, batch_first=True)
+        self.drop = nn.Dropout(dropout)
+        self.heads = Heads(hidden, horizon, n_regimes, n_quantiles)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, h = self.rnn(x)
+        return self.heads(self.drop(h[-1]))
+
+
+class _CausalBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, dilation: int, kernel: int) -> None:
+        super().__init__()
+        self.pad = (kernel - 1) * dilation
+        self.conv = nn.Conv1d(c_in, c_out, kernel, dilation=dilation)
+        self.res = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(nn.functional.pad(x, (self.pad, 0)))
+        return torch.relu(y) + self.res(x)
+
+
+class TCNNet(nn.Module):
+    """Temporal convolutional network: causal dilated convolutions (dilations 1, 2, 4, …)."""
+
+    def __init__(
+        self,
+        n_features: int,
+        *,
+        hidden: int,
+        horizon: int,
+        n_regimes: int,
+        n_quantiles: int,
+        dropout: float = 0.0,
+        kernel: int = 3,
+        levels: int = 5,
+    ) -> None:
+        super().__init__()
+        blocks = []
+        c = n_features
+        for i in range(levels):
+            blocks.append(_CausalBlock(c, hidden, 2**i, kernel))
+            c = hidden
+        self.net = nn.Sequential(*blocks)
+        self.drop = nn.Dropout(dropout)
+        self.heads = Heads(hidden, horizon, n_regimes, n_quantiles)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.net(x.transpose(1, 2))[:, :, -1]
+        return self.heads(self.drop(h))
+
+
+def build_network(
+    arch: str, n_features: int, *, hidden: int, horizon: int, n_regimes: int, n_quantiles: int, dropout: float
+) -> nn.Module:
+    """``arch`` in {"gru", "tcn"}."""
+    if arch == "gru":
+        return GRUNet(
+            n_features, hidden=hidden, horizon=horizon, n_regimes=n_regimes, n_quantiles=n_quantiles, dropout=dropout
+        )
+    if arch == "tcn":
+        return TCNNet(
+            n_features, hidden=hidden, horizon=horizon, n_regimes=n_regimes, n_quantiles=n_quantiles, dropout=dropout
+        )
+    raise ValueError(f"arch must be 'gru' or 'tcn', got {arch!r}")
