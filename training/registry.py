@@ -51,10 +51,15 @@ _ZONES = {"green": 0, "yellow": 1, "red": 2}
 
 
 def registered_name(dataset: str) -> str:
-    """Registered model name of a dataset (``vol-BTC`` ...; other ids: ``vol-`` + a sanitised id)."""
+    """Registered model name of a dataset: ``vol-BTC`` ...; other ids ``vol-<asset label>`` (a file's stem)."""
     if dataset in DATASET_MODEL_NAMES:
         return DATASET_MODEL_NAMES[dataset]
-    tail = dataset.split(":", 1)[-1].replace("/", "-")
+    try:
+        from data_pipelines.pipeline import asset_label
+
+        tail = asset_label(dataset)
+    except (ImportError, ValueError):
+        tail = dataset.split(":", 1)[-1].replace("/", "-")
     return "vol-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in tail)
 
 
