@@ -210,7 +210,7 @@ def extreme_return_mask(ret: np.ndarray, ret_bars: np.ndarray | None = None, *, 
 def _row_desc(raw: pd.DataFrame, pos: int) -> str:
     row_name = raw.attrs.get("row_name", "row")
     r = raw.iloc[pos]
-    vals = ", ".join(f"{c}={r[c]!r}" for c in CANONICAL_COLUMNS)
+    vals = ", ".join(f"{c}={float(r[c]):.10g}" for c in CANONICAL_COLUMNS)
     return f"{row_name} {int(r['src_row'])} (time {pd.Timestamp(r['time']).isoformat()}): {vals}"
 
 

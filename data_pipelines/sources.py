@@ -309,12 +309,12 @@ def _frame_from_table(table: pd.DataFrame, where: str, *, line_offset: int, row_
     expected = "expected columns time, open, high, low, close, volume"
     time_col = _find_column(columns, _TIME_ALIASES)
     if time_col is None:
-        raise ValueError(f"{where}: missing a time column (one of {', '.join(_TIME_ALIASES[:6])}); found {columns}; {expected}")
+        raise ValueError(f"{where}: missing a time column (one of {', '.join(_TIME_ALIASES[:6])}); found columns: {', '.join(columns)}; {expected}")
     picked: dict[str, str] = {}
     for canon, aliases in _COLUMN_ALIASES.items():
         col = _find_column(columns, aliases)
         if col is None:
-            raise ValueError(f"{where}: missing column '{canon}'; found {columns}; {expected}")
+            raise ValueError(f"{where}: missing column '{canon}'; found columns: {', '.join(columns)}; {expected}")
         picked[canon] = col
     rows = np.arange(len(table), dtype=np.int64) + line_offset
     times, offsets = _parse_times(table[time_col], where, rows, row_name, column=time_col)
@@ -449,7 +449,7 @@ def load_binance(path: str | Path, *, asset: str | None = None, bar: str | None 
             with zipfile.ZipFile(p) as zf:
                 names = [n for n in zf.namelist() if n.lower().endswith(".csv")]
                 if len(names) != 1:
-                    raise ValueError(f"{p}: expected exactly one .csv inside the zip, found {zf.namelist()}")
+                    raise ValueError(f"{p}: expected exactly one .csv inside the zip, found {', '.join(zf.namelist()) or 'nothing'}")
                 text = zf.read(names[0]).decode("utf-8-sig")
                 where = f"{p}!{names[0]}"
         except zipfile.BadZipFile:
@@ -466,7 +466,7 @@ def load_binance(path: str | Path, *, asset: str | None = None, bar: str | None 
         table = table.iloc[1:].reset_index(drop=True)
         line_offset = 2
         if "open_time" not in header:
-            raise ValueError(f"{where}: header row {list(header)} is not a Binance kline header (no open_time)")
+            raise ValueError(f"{where}: header row '{','.join(header)}' is not a Binance kline header (no open_time)")
     if table.empty:
         raise ValueError(f"{where}: file has a header but no data rows")
     if table.shape[1] < 6:
