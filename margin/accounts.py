@@ -1,0 +1,276 @@
+"""Accounts, subaccounts and positions as dense arrays.
+
+Rows are (sub)accounts. Each row belongs to a collateral **pool** owned by a top-level account; a
+subaccount's row points at its parent's pool, so subaccounts share the parent's collateral. Requirements
+are computed per row (a subaccount is margined on its own positions, with no netting across subaccounts:
+that is what subaccounts are for) and summed per pool; collateral and unrealised P&L are pooled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from margin.instruments import Instrument, InstrumentArrays, unrealised_pnl
+
+__all__ = ["Portfolio", "MarketData", "pool_sum"]
+
+
+def pool_sum(values: np.ndarray, pool_index: np.ndarray, n_pools: int) -> np.ndarray:
+    """Sum rows of ``values`` (``(A,)`` or ``(A, k)``) into pools with ``np.add.at`` semantics."""
+    v = np.asarray(values, dtype=np.float64)
+    out = np.zeros((n_pools,) + v.shape[1:], dtype=np.float64)
+    np.add.at(out, pool_index, v)
+    return out
+
+
+@dataclass(frozen=True)
+class MarketData:
+    """Marks at one UTC time.
+
+    Parameters
+    ----------
+    underlying_price : dict
+        USD mark (index/forward) per underlying.
+    instrument_mark : dict
+        Contract mark per instrument id: futures/perps may override the underlying mark (basis), options
+        give the premium per unit of underlying in USD.
+    implied_vol : dict
+        Annualised implied volatility per option id.
+    collateral_price : dict
+        USD price per unit of each collateral asset.
+    """
+
+    underlying_price: Mapping[str, float]
+    instrument_mark: Mapping[str, float]
+    implied_vol: Mapping[str, float]
+    collateral_price: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Portfolio:
+    """Positions, entries and collateral of many (sub)accounts, all as dense arrays.
+
+    Attributes
+    ----------
+    account_ids : tuple of str
+        ``A`` row ids (top-level accounts and subaccounts).
+    pool_index : np.ndarray
+        ``(A,)`` pool number of each row; pools are numbered by ``pool_ids``.
+    pool_ids : tuple of str
+        Id of the top-level account owning each pool.
+    instruments : tuple of Instrument
+    positions : np.ndarray
+        ``(A, I)`` signed contracts.
+    entry : np.ndarray
+        ``(A, I)`` entry prices (USD; option premium per unit for options); 0 where flat.
+    slots : tuple of (asset, chain)
+        ``C`` collateral slots.
+    balances : np.ndarray
+        ``(A, C)`` collateral amounts (pooled by ``pool_index``).
+    market : MarketData
+    as_of : datetime
+        UTC valuation time.
+    """
+
+    account_ids: tuple[str, ...]
+    pool_index: np.ndarray
+    pool_ids: tuple[str, ...]
+    instruments: tuple[Instrument, ...]
+    positions: np.ndarray
+    entry: np.ndarray
+    slots: tuple[tuple[str, str], ...]
+    balances: np.ndarray
+    market: MarketData
+    as_of: datetime
+
+    def __post_init__(self) -> None:
+        a, i = self.positions.shape
+        if self.entry.shape != (a, i):
+            raise ValueError(f"entry shape {self.entry.shape} != positions shape {(a, i)}")
+        if self.balances.shape != (a, len(self.slots)):
+            raise ValueError(f"balances shape {self.balances.shape} != {(a, len(self.slots))}")
+        if len(self.instruments) != i:
+            raise ValueError(f"{len(self.instruments)} instruments but positions have {i} columns")
+        object.__setattr__(self, "_arrays", InstrumentArrays.from_instruments(self.instruments))
+
+    # ------------------------------------------------------------------ views
+    @property
+    def arrays(self) -> InstrumentArrays:
+        return self._arrays  # type: ignore[attr-defined]
+
+    @property
+    def n_pools(self) -> int:
+        return len(self.pool_ids)
+
+    def underlying_price_per_instrument(self) -> np.ndarray:
+        """``(I,)`` underlying/forward mark of each instrument (futures use their own mark if given)."""
+        out = np.empty(len(self.instruments))
+        for k, inst in enumerate(self.instruments):
+            if not inst.is_option and inst.instrument_id in self.market.instrument_mark:
+                out[k] = self.market.instrument_mark[inst.instrument_id]
+            else:
+                out[k] = self.market.underlying_price[inst.underlying]
+        return out
+
+    def contract_mark(self) -> np.ndarray:
+        """``(I,)`` contract mark: underlying mark for futures/perps, option premium per unit for options."""
+        f = self.underlying_price_per_instrument()
+        return np.array(
+            [self.market.instrument_mark[x.instrument_id] if x.is_option else f[k] for k, x in enumerate(self.instruments)]
+        )
+
+    def implied_vol(self) -> np.ndarray:
+        """``(I,)`` implied vols (NaN for non-options)."""
+        return np.array([self.market.implied_vol.get(x.instrument_id, np.nan) for x in self.instruments])
+
+    def collateral_prices(self) -> np.ndarray:
+        return np.array([self.market.collateral_price[a] for a, _ in self.slots], dtype=np.float64)
+
+    def unrealised(self, contract_mark: np.ndarray | None = None) -> np.ndarray:
+        """``(A,)`` unrealised P&L per row in USD at the given (default: current) contract marks."""
+        m = self.contract_mark() if contract_mark is None else contract_mark
+        arr = self.arrays
+        u = unrealised_pnl(self.positions, self.entry, m[None, :], arr.contract_size[None, :], arr.is_inverse[None, :])
+        return u.sum(axis=1)
+
+    # -------------------------------------------------------------- building
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Portfolio:
+        """Build from the portfolio JSON (see ``schemas/portfolio.schema.json``).
+
+        Assumes the document passed schema validation; semantic errors raise ``ValueError`` naming the
+        JSON path and value.
+        """
+        as_of = datetime.fromisoformat(str(d["as_of"]).replace("Z", "+00:00"))
+        if as_of.tzinfo is None:
+            raise ValueError(f"$.as_of must be timezone-aware UTC, got {d['as_of']!r}")
+        as_of = as_of.astimezone(UTC)
+        instruments = []
+        for k, x in enumerate(d["instruments"]):
+            try:
+                instruments.append(
+                    Instrument(
+                        instrument_id=x["id"],
+                        kind=x["kind"],
+                        underlying=x["underlying"],
+                        contract_size=x.get("contract_size", 1.0),
+                        tick_size=x.get("tick_size", 0.01),
+                        expiry=x.get("expiry"),
+                        strike=x.get("strike"),
+                        option_type=x.get("option_type"),
+                    )
+                )
+            except ValueError as exc:
+                raise ValueError(f"$.instruments[{k}]: {exc}") from None
+        col = {x.instrument_id: k for k, x in enumerate(instruments)}
+        if len(col) != len(instruments):
+            raise ValueError("$.instruments: duplicate instrument id")
+        marks = d["marks"]
+        market = MarketData(
+            underlying_price=dict(marks["underlyings"]),
+            instrument_mark={k: v["mark"] for k, v in marks.get("instruments", {}).items()},
+            implied_vol={k: v["iv"] for k, v in marks.get("instruments", {}).items() if "iv" in v},
+            collateral_price=dict(marks.get("collateral", {})),
+        )
+        for k, x in enumerate(instruments):
+            if x.underlying not in market.underlying_price:
+                raise ValueError(f"$.instruments[{k}].underlying: no mark for underlying {x.underlying!r} in $.marks.underlyings")
+            if x.is_option and (x.instrument_id not in market.instrument_mark or x.instrument_id not in market.implied_vol):
+                raise ValueError(f"$.marks.instruments.{x.instrument_id}: option needs 'mark' and 'iv'")
+        rows: list[tuple[str, int, Mapping[str, Any], str]] = []
+        pool_ids: list[str] = []
+        for ai, acct in enumerate(d["accounts"]):
+            pool_ids.append(acct["id"])
+            rows.append((acct["id"], ai, acct, f"$.accounts[{ai}]"))
+            for si, sub in enumerate(acct.get("subaccounts", [])):
+                rows.append((sub["id"], ai, sub, f"$.accounts[{ai}].subaccounts[{si}]"))
+        ids = [r[0] for r in rows]
+        if len(set(ids)) != len(ids):
+            dup = sorted({x for x in ids if ids.count(x) > 1})
+            raise ValueError(f"$.accounts: duplicate account id {dup}")
+        slots: dict[tuple[str, str], int] = {}
+        for _, _, acct, _ in rows:
+            for c in acct.get("collateral", []):
+                slots.setdefault((c["asset"], c.get("chain", "ethereum")), len(slots))
+        for (asset, _), _k in slots.items():
+            if asset not in market.collateral_price:
+                raise ValueError(f"$.marks.collateral: no price for collateral asset {asset!r}")
+        a, n_i = len(rows), len(instruments)
+        pos = np.zeros((a, n_i))
+        entry = np.zeros((a, n_i))
+        bal = np.zeros((a, len(slots)))
+        for r, (_, _, acct, path) in enumerate(rows):
+            for pi, p in enumerate(acct.get("positions", [])):
+                where = f"{path}.positions[{pi}]"
+                iid = p["instrument"]
+                if iid not in col:
+                    raise ValueError(f"{where}.instrument: unknown instrument {iid!r}")
+                size = p["size"]
+                if isinstance(size, bool) or not isinstance(size, int | float) or not math.isfinite(size):
+                    raise ValueError(f"{where}.size: must be a finite number, got {size!r}")
+                ep = p.get("entry_price")
+                if size != 0 and (ep is None or not math.isfinite(ep) or ep <= 0 and not instruments[col[iid]].is_option):
+                    raise ValueError(f"{where}.entry_price: must be a positive number, got {ep!r}")
+                c = col[iid]
+                old = pos[r, c]
+                new = old + size
+                # average entry of same-direction additions (netting within a row)
+                if old == 0 or np.sign(old) == np.sign(size):
+                    entry[r, c] = (abs(old) * entry[r, c] + abs(size) * (ep or 0.0)) / max(abs(new), 1e-300)
+                elif np.sign(new) != np.sign(old) and new != 0:
+                    entry[r, c] = ep
+                pos[r, c] = new
+            for ci, cl in enumerate(acct.get("collateral", [])):
+                amt = cl["amount"]
+                if isinstance(amt, bool) or not isinstance(amt, int | float) or not math.isfinite(amt) or amt < 0:
+                    raise ValueError(f"{path}.collateral[{ci}].amount: must be a non-negative number, got {amt!r}")
+                bal[r, slots[(cl["asset"], cl.get("chain", "ethereum"))]] += amt
+        return cls(
+            account_ids=tuple(ids),
+            pool_index=np.array([r[1] for r in rows], dtype=np.intp),
+            pool_ids=tuple(pool_ids),
+            instruments=tuple(instruments),
+            positions=pos,
+            entry=entry,
+            slots=tuple(slots),
+            balances=bal,
+            market=market,
+            as_of=as_of,
+        )
+
+    @classmethod
+    def from_arrays(
+        cls,
+        instruments: Sequence[Instrument],
+        positions: np.ndarray,
+        entry: np.ndarray,
+        market: MarketData,
+        as_of: datetime,
+        balances: np.ndarray | None = None,
+        slots: Sequence[tuple[str, str]] = (("USDC", "ethereum"),),
+        pool_index: np.ndarray | None = None,
+    ) -> Portfolio:
+        """Build directly from arrays (each row its own pool unless ``pool_index`` is given)."""
+        positions = np.asarray(positions, dtype=np.float64)
+        a = positions.shape[0]
+        pidx = np.arange(a) if pool_index is None else np.asarray(pool_index, dtype=np.intp)
+        n_pools = int(pidx.max()) + 1 if a else 0
+        bal = np.zeros((a, len(slots))) if balances is None else np.asarray(balances, dtype=np.float64)
+        return cls(
+            account_ids=tuple(f"a{k}" for k in range(a)),
+            pool_index=pidx,
+            pool_ids=tuple(f"a{k}" for k in range(n_pools)),
+            instruments=tuple(instruments),
+            positions=positions,
+            entry=np.asarray(entry, dtype=np.float64),
+            slots=tuple(slots),
+            balances=bal,
+            market=market,
+            as_of=as_of,
+        )
