@@ -209,6 +209,11 @@ def _liquidation_search(st: _State) -> tuple[np.ndarray, tuple[str | None, ...]]
     pf, arr = st.pf, st.arr
     n_pools = pf.n_pools
     delta = pool_sum(delta_notional(pf.positions, arr, st.mark, st.sigma, st.now), pf.pool_index, n_pools)
+    # collateral held in an underlying's coin is exposure to that underlying too
+    raw_coll = pf.balances * pf.collateral_prices()[None, :]
+    for c, (asset, _) in enumerate(pf.slots):
+        if asset in arr.underlyings_unique:
+            delta[:, arr.underlyings_unique.index(asset)] += pool_sum(raw_coll[:, c], pf.pool_index, n_pools)
     ustar = np.argmax(np.abs(delta), axis=1)
     dval = delta[np.arange(n_pools), ustar]
     direction = -np.sign(dval)  # the move that loses money
