@@ -80,10 +80,11 @@ def range_variances(open_: np.ndarray, high: np.ndarray, low: np.ndarray, close:
     }
 
 
-def yang_zhang(bars: pd.DataFrame, window: int = 30) -> pd.Series:
+def yang_zhang(bars: pd.DataFrame, window: int = 30, *, rs: np.ndarray | None = None) -> pd.Series:
     """Yang-Zhang variance per bar over a trailing window of ``window`` bars (rows t-window+1..t).
 
     NaN until ``window`` overnight returns exist (the first is NaN), i.e. for the first ``window`` rows.
+    ``rs`` may pass precomputed (unfloored) Rogers-Satchell values to avoid recomputing them.
     """
     if window < 2:
         raise ValueError(f"yz_window must be >= 2, got {window}")
@@ -92,7 +93,8 @@ def yang_zhang(bars: pd.DataFrame, window: int = 30) -> pd.Series:
     overnight = np.full(o.shape[0], np.nan)
     overnight[1:] = o[1:] - c[:-1]
     oc = c - o
-    rs = range_variances(*(bars[k].to_numpy(dtype=np.float64) for k in ("open", "high", "low", "close")))["var_rs"]
+    if rs is None:
+        rs = range_variances(*(bars[k].to_numpy(dtype=np.float64) for k in ("open", "high", "low", "close")))["var_rs"]
     k = 0.34 / (1.34 + (window + 1) / (window - 1))
     var_o = pd.Series(overnight).rolling(window, min_periods=window).var(ddof=1)
     var_c = pd.Series(oc).rolling(window, min_periods=window).var(ddof=1)
@@ -200,9 +202,10 @@ def build_features(bars: pd.DataFrame, *, har_days: Sequence[float] = (1, 7, 30)
         out[name] = np.where(low_mask, VARIANCE_FLOOR, v)
 
     put("var_sq", ret * ret)
-    for name, v in range_variances(o, h, lo, c).items():
+    rv_range = range_variances(o, h, lo, c)
+    for name, v in rv_range.items():
         put(name, v)
-    put("var_yz", yang_zhang(out, yz_window).to_numpy())
+    put("var_yz", yang_zhang(out, yz_window, rs=rv_range["var_rs"]).to_numpy())
     if rv is None and intraday is not None:
         rv = realized_variance(intraday, to=bar)
     if rv is not None:

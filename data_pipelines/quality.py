@@ -200,10 +200,60 @@ def extreme_return_mask(ret: np.ndarray, ret_bars: np.ndarray | None = None, *, 
     k = np.ones_like(r) if ret_bars is None else np.asarray(ret_bars, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.abs(r) / np.sqrt(np.where(k > 0, k, np.nan))
+    fast = _extreme_candidates_fast(z, sigma, window)
+    if fast is not None:
+        return fast
+    return _extreme_exact(z, sigma, window, min_periods)
+
+
+def _extreme_exact(z: np.ndarray, sigma: float, window: int, min_periods: int) -> np.ndarray:
+    """Reference path: trailing rolling median for every row (pandas skiplist median)."""
     scale = pd.Series(z).rolling(window, min_periods=min_periods).median().shift(1).to_numpy() / _MAD_TO_SIGMA
     ok = np.isfinite(z) & np.isfinite(scale) & (scale > 0)
-    out = np.zeros(r.shape[0], dtype=bool)
+    out = np.zeros(z.shape[0], dtype=bool)
     out[ok] = z[ok] > sigma * scale[ok]
+    return out
+
+
+def _extreme_candidates_fast(z: np.ndarray, sigma: float, window: int) -> np.ndarray | None:
+    """Same result as :func:`_extreme_exact`, computing the exact median only where it can matter.
+
+    Split the series into blocks of B = W/10 rows and take each block's k-th smallest value: at
+    least B - k values of the block are >= it. Any trailing window holds >= floor(W/B) - 1 full
+    blocks; when those blocks guarantee more than W/2 values >= L (the smallest of their k-th values),
+    the window's median is >= L, so a row with z <= sigma * L / c cannot be flagged. The exact median
+    is then computed only for the remaining candidates. Returns None (use the exact path) for short
+    or non-finite input, or when candidates are not rare.
+    """
+    n = z.shape[0]
+    block = max(1, window // 10)
+    nb = window // block - 1  # full blocks guaranteed inside any window
+    if nb < 1:
+        return None
+    k = block - -(-(window // 2 + 1) // nb)  # largest k with nb * (block - k) >= W/2 + 1
+    if n < 4 * window or k < 0 or not np.isfinite(z[1:]).all():
+        return None
+    head = window + block + 1  # rows whose window may touch row 0 or a partial start: exact path
+    out = np.zeros(n, dtype=bool)
+    out[:head] = _extreme_exact(z[: head], sigma, window, _MIN_SCALE_OBS)[:head]
+    n_blocks = n // block
+    kth = np.partition(z[: n_blocks * block].reshape(n_blocks, block), k, axis=1)[:, k]
+    if kth.shape[0] < nb:
+        return None
+    lower = np.lib.stride_tricks.sliding_window_view(kth, nb).min(axis=1)  # min over blocks j..j+nb-1
+    t = np.arange(head, n)
+    j_lo = -((t - window) // -block)  # ceil((t - W) / B): first block fully inside [t-W, t-1]
+    valid = j_lo < lower.shape[0]
+    bound = np.full(t.shape[0], np.inf)
+    bound[valid] = lower[j_lo[valid]] / _MAD_TO_SIGMA
+    cand = t[(z[t] > sigma * bound) | ~valid]
+    if cand.shape[0] > n // 40:  # not rare: the full rolling median is cheaper
+        return None
+    windows = np.lib.stride_tricks.sliding_window_view(z, window)  # windows[i] = z[i : i + W]
+    for s in range(0, cand.shape[0], 20_000):
+        c = cand[s:s + 20_000]
+        scale = np.median(windows[c - window], axis=1) / _MAD_TO_SIGMA
+        out[c] = (scale > 0) & (z[c] > sigma * scale)
     return out
 
 

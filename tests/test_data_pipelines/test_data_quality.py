@@ -172,6 +172,22 @@ class TestExtremeMask:
                 slow[t] = z[t] > 5 * np.median(past) / 0.6744897501960817
         np.testing.assert_array_equal(fast, slow)
 
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_fast_path_equals_full_rolling_median(self, seed: int) -> None:
+        from data_pipelines.quality import _extreme_candidates_fast, _extreme_exact
+
+        rng = np.random.default_rng(seed)
+        n = 40_000
+        z = np.abs(rng.standard_t(4, n) * 0.01 * np.exp(np.cumsum(rng.normal(0, 0.005, n))))
+        z[0] = np.nan
+        z[5000:5100] = 0.0  # flat stretch: zero scale, never flagged
+        fast = _extreme_candidates_fast(z, 8.0, 250)
+        assert fast is not None  # the fast path ran
+        exact = _extreme_exact(z, 8.0, 250, 30)
+        np.testing.assert_array_equal(fast, exact)
+        assert exact.sum() > 10
+        assert _extreme_candidates_fast(z, 1.0, 250) is None  # candidates not rare: exact path
+
     def test_no_look_ahead(self) -> None:
         rng = np.random.default_rng(1)
         r = rng.normal(0, 0.01, 400)
