@@ -41,9 +41,21 @@ def per_bar_returns(frame: pd.DataFrame, column: str = "ret") -> pd.Series:
     return pd.Series(r[keep], index=frame.index[keep], name=column)
 
 
-def positive_column(frame: pd.DataFrame, column: str, floor: float = 1e-10) -> pd.Series:
-    """A variance column as float64 with values floored at ``floor`` (NaN kept)."""
+def aligned_returns(frame: pd.DataFrame, column: str = "ret") -> np.ndarray:
+    """Like :func:`per_bar_returns` but as an array aligned to ``frame`` (NaN rows kept)."""
     if column not in frame.columns:
         raise ValueError(f"column {column!r} is not in the frame; columns are {list(frame.columns)}")
-    s = frame[column].astype("float64")
-    return s.where(s.isna(), s.clip(lower=floor))
+    r = frame[column].to_numpy(dtype=np.float64, na_value=np.nan)
+    if "ret_bars" in frame.columns:
+        nb = frame["ret_bars"].to_numpy(dtype=np.float64, na_value=np.nan)
+        r = r / np.sqrt(np.where(np.isfinite(nb) & (nb > 1.0), nb, 1.0))
+    return np.where(np.isfinite(r), r, np.nan)
+
+
+def positive_values(frame: pd.DataFrame, column: str, floor: float = 1e-10) -> np.ndarray:
+    """A variance column as a float64 array with values floored at ``floor`` (NaN kept)."""
+    if column not in frame.columns:
+        raise ValueError(f"column {column!r} is not in the frame; columns are {list(frame.columns)}")
+    v = frame[column].to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isnan(v), np.nan, np.maximum(v, floor))

@@ -275,6 +275,11 @@ class Forecaster:
             if p.name != "self" and p.kind == p.KEYWORD_ONLY
         ]
 
+    @classmethod
+    def test_params(cls) -> dict[str, Any]:
+        """Small, fast parameters for the shared interface test suite (sktime's ``get_test_params``)."""
+        return {}
+
     def get_params(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._param_names()}
 
@@ -338,6 +343,10 @@ class Forecaster:
         new_bars = new_bars[new_bars.index > self.last_time_]
         if len(new_bars) == 0:
             return self
+        # models read frame.attrs only when fitting; pandas deep-copies attrs on every operation,
+        # which dominates the cost of one-bar updates when attrs are large
+        new_bars = pd.DataFrame(new_bars, copy=False)
+        new_bars.attrs = {}
         self._update(new_bars)
         self.n_obs_ += int(len(new_bars))
         self.last_time_ = new_bars.index[-1]

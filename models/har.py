@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from models._inputs import VARIANCE_FLOOR, per_bar_returns, positive_column
+from models._inputs import VARIANCE_FLOOR, aligned_returns, positive_values
 from models.base import Forecaster, VolatilityForecast, register
 
 __all__ = ["HAR", "LogHAR", "har_windows", "har_design"]
@@ -107,7 +107,7 @@ class HAR(Forecaster):
         wins = tuple(int(w) for w in (self.windows or har_windows(frame.attrs.get("bars_per_year"))))
         if any(w < 1 for w in wins):
             raise ValueError(f"windows must be positive bar counts, got {wins}")
-        v = positive_column(frame, col).to_numpy()
+        v = positive_values(frame, col)
         X = har_design(v, wins)
         H = int(self.max_horizon)
         start = max(wins) - 1  # first row with full windows
@@ -141,11 +141,11 @@ class HAR(Forecaster):
     def _filter(self, frame: pd.DataFrame) -> None:
         if self.column_ not in frame.columns:
             raise ValueError(f"frame lacks the modelled column {self.column_!r}")
-        v = positive_column(frame, self.column_).to_numpy()
+        v = positive_values(frame, self.column_)
         X = har_design(v, self.windows_)
         # one-step in-sample forecasts -> standardized returns (for filtered historical simulation)
         fitted = self._apply(X[:-1], 0)
-        r = per_bar_returns(frame).reindex(frame.index).to_numpy()[1:]
+        r = aligned_returns(frame)[1:]
         z = r / np.sqrt(fitted)
         self.std_resid_ = z[np.isfinite(z)]
         self.v_ = v[-max(self.windows_) :].copy()
@@ -162,8 +162,8 @@ class HAR(Forecaster):
     def _update(self, new_bars: pd.DataFrame) -> None:
         if self.column_ not in new_bars.columns:
             raise ValueError(f"new_bars lacks the modelled column {self.column_!r}")
-        v = positive_column(new_bars, self.column_).to_numpy()
-        r = per_bar_returns(new_bars).reindex(new_bars.index).to_numpy()
+        v = positive_values(new_bars, self.column_)
+        r = aligned_returns(new_bars)
         # standardized residuals of the new bars against the one-step forecasts made before each
         zs = []
         for t in range(len(v)):

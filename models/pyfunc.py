@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from models.base import Forecaster, VolatilityForecast
@@ -155,7 +154,22 @@ def log_forecaster(
             signature=signature,
             input_example=example,
             registered_model_name=registered_model_name,
+            pip_requirements=_requirements(),
         )
+
+
+def _requirements() -> list[str]:
+    """Pinned requirements of the wrapped models (skips MLflow's slow import-tracing inference)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("mlflow", "numpy", "pandas", "scipy", "arch", "scikit-learn", "torch", "cloudpickle"):
+        try:
+            v = version(pkg)
+        except PackageNotFoundError:  # pragma: no cover
+            continue
+        reqs.append(f"{pkg}=={v.split('+')[0]}")
+    return reqs
 
 
 def load_forecaster(model_uri: str) -> Forecaster:

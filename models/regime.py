@@ -22,7 +22,7 @@ import pandas as pd
 from scipy.stats import multivariate_normal
 from sklearn.mixture import GaussianMixture
 
-from models._inputs import VARIANCE_FLOOR, per_bar_returns, positive_column
+from models._inputs import VARIANCE_FLOOR, aligned_returns, positive_values
 from models.base import Forecaster, VolatilityForecast, register
 
 __all__ = ["RegimeForecaster", "REGIME_NAMES"]
@@ -108,7 +108,8 @@ class RegimeForecaster(Forecaster):
             raise ValueError(f"smooth_days must be > 0, got {self.smooth_days!r}")
         bpy = frame.attrs.get("bars_per_year") or 365.0
         self.window_ = max(2, round(float(self.smooth_days) * float(bpy) / 365.0))
-        v = positive_column(frame, self.column).dropna().to_numpy()
+        v = positive_values(frame, self.column)
+        v = v[np.isfinite(v)]
         if len(v) < int(self.min_obs):
             raise ValueError(f"RegimeForecaster needs at least min_obs={self.min_obs} bars, got {len(v)}")
         X = self._features(v)
@@ -132,7 +133,7 @@ class RegimeForecaster(Forecaster):
         self._filter(frame)
 
     def _filter(self, frame: pd.DataFrame) -> None:
-        v = positive_column(frame, self.column).to_numpy()
+        v = positive_values(frame, self.column)
         keep = np.isfinite(v)
         X = self._features(v[keep])
         la = self._forward(X, None)
@@ -141,7 +142,7 @@ class RegimeForecaster(Forecaster):
         self.std_resid_ = self._std_resid(frame, keep, la)
 
     def _std_resid(self, frame: pd.DataFrame, keep: np.ndarray, la: np.ndarray) -> np.ndarray:
-        r = per_bar_returns(frame).reindex(frame.index).to_numpy()[keep]
+        r = aligned_returns(frame)[keep]
         one_step = (np.exp(la[:-1]) @ self.transmat_) @ self.regime_variance_
         z = r[1:] / np.sqrt(one_step)
         return z[np.isfinite(z)]
@@ -149,7 +150,7 @@ class RegimeForecaster(Forecaster):
     def _update(self, new_bars: pd.DataFrame) -> None:
         if self.column not in new_bars.columns:
             raise ValueError(f"new_bars lacks the modelled column {self.column!r}")
-        v = positive_column(new_bars, self.column).to_numpy()
+        v = positive_values(new_bars, self.column)
         keep = np.isfinite(v)
         vn = v[keep]
         if len(vn) == 0:
@@ -158,7 +159,7 @@ class RegimeForecaster(Forecaster):
         X = self._features(hist)[len(self.v_) :]
         la = self._forward(X, self.log_alpha_)
         la_full = np.vstack([self.log_alpha_[None, :], la])
-        r = per_bar_returns(new_bars).reindex(new_bars.index).to_numpy()[keep]
+        r = aligned_returns(new_bars)[keep]
         one_step = (np.exp(la_full[:-1]) @ self.transmat_) @ self.regime_variance_
         z = r / np.sqrt(one_step)
         self.std_resid_ = np.concatenate([self.std_resid_, z[np.isfinite(z)]])
@@ -184,7 +185,7 @@ class RegimeForecaster(Forecaster):
         frame = self._validate_frame(frame)
         if self.column not in frame.columns:
             raise ValueError(f"frame lacks the modelled column {self.column!r}")
-        v = positive_column(frame, self.column).to_numpy()
+        v = positive_values(frame, self.column)
         keep = np.isfinite(v)
         out = np.full((len(v), len(self.weights_)), np.nan)
         if keep.any():

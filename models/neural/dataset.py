@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from sklearn.preprocessing import StandardScaler
 
-from models._inputs import per_bar_returns, positive_column
+from models._inputs import aligned_returns, positive_values
 from models.har import har_design, har_windows
 
 __all__ = ["RANGE_COLUMNS", "feature_columns", "bar_features", "target_proxy", "WindowSet", "make_windows"]
@@ -59,10 +59,10 @@ def bar_features(
     regime_probs : pd.DataFrame, optional
         Filtered regime probabilities aligned to ``frame``.
     """
-    out = {"ret": per_bar_returns(frame).reindex(frame.index).to_numpy()}
+    out = {"ret": aligned_returns(frame)}
     for c in columns:
-        out[f"log_{c}"] = np.log(positive_column(frame, c).to_numpy())
-    gk = positive_column(frame, "var_gk").to_numpy()
+        out[f"log_{c}"] = np.log(positive_values(frame, c))
+    gk = positive_values(frame, "var_gk")
     har = har_design(gk, windows)
     for j, w in enumerate(windows):
         out[f"log_har_{w}"] = np.log(har[:, j])
@@ -76,9 +76,9 @@ def bar_features(
 def target_proxy(frame: pd.DataFrame, target: str) -> np.ndarray:
     """Per-bar variance proxy: ``"ret2"`` (squared one-bar return) or a variance column."""
     if target == "ret2":
-        r = per_bar_returns(frame).reindex(frame.index).to_numpy()
+        r = aligned_returns(frame)
         return r**2
-    return positive_column(frame, target).to_numpy()
+    return positive_values(frame, target)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from models._inputs import VARIANCE_FLOOR, per_bar_returns
+from models._inputs import VARIANCE_FLOOR, aligned_returns
 from models.base import Forecaster, VolatilityForecast, register
 from models.har import LogHAR
 from models.neural.dataset import (
@@ -129,6 +129,10 @@ class NeuralForecaster(Forecaster):
         self.resid_bars = resid_bars
         self.min_train_windows = min_train_windows
 
+    @classmethod
+    def test_params(cls) -> dict[str, Any]:
+        return {"lookback": 20, "hidden": 8, "horizon": 5, "max_epochs": 3, "min_train_windows": 100}
+
     # ------------------------------------------------------------------ helpers
     def _check_params(self, frame: pd.DataFrame) -> None:
         for k in ("lookback", "horizon", "hidden", "max_epochs", "batch_size", "resid_bars"):
@@ -175,7 +179,7 @@ class NeuralForecaster(Forecaster):
         self.feat_mean_, self.feat_scale_ = scaler.mean_.copy(), scaler.scale_.copy()
         fs = (raw - self.feat_mean_) / self.feat_scale_
         proxy = target_proxy(frame, self.target)
-        rets = per_bar_returns(frame).reindex(frame.index).to_numpy()
+        rets = aligned_returns(frame)
         labels = None
         if probs is not None:
             p = probs.to_numpy()
@@ -230,7 +234,7 @@ class NeuralForecaster(Forecaster):
         ok_ends = np.intersect1d(ends, _complete_ends(fs, int(self.lookback)))
         if len(ok_ends):
             out = predict_network(self.net_, self._windows_X(fs, ok_ends), self._base(raw, ok_ends))
-            r = per_bar_returns(frame).reindex(frame.index).to_numpy()
+            r = aligned_returns(frame)
             z[np.searchsorted(ends, ok_ends)] = r[ok_ends + 1] / np.sqrt(np.exp(out["log_var"][:, 0]))
         return z
 
@@ -250,7 +254,7 @@ class NeuralForecaster(Forecaster):
         self.z_ = z[-R:]
         self.std_resid_ = self.z_[np.isfinite(self.z_)]
         self.buf_ = frame[self.buffer_columns_].iloc[-self._buflen :].copy()
-        self.buf_.attrs = dict(frame.attrs)
+        self.buf_.attrs = {}
         self.pbuf_ = None if probs is None else probs.iloc[-self._buflen :].copy()
 
     def _update(self, new_bars: pd.DataFrame) -> None:
@@ -259,7 +263,6 @@ class NeuralForecaster(Forecaster):
             raise ValueError(f"new_bars lacks columns {missing} used by {type(self).__name__}")
         pnew = self.regime_.update_probabilities(new_bars) if self.use_regimes else None
         buf = pd.concat([self.buf_, new_bars[self.buffer_columns_]])
-        buf.attrs = dict(self.buf_.attrs)
         pbuf = None if pnew is None else pd.concat([self.pbuf_, pnew])
         z = self._resid_z(buf, pbuf, len(self.buf_))
         self.z_ = np.concatenate([self.z_, z])[-int(self.resid_bars) :]
