@@ -69,7 +69,7 @@ def build_tasks(cfg: Any, frames: dict[str, tuple[str, pd.DataFrame]]) -> list[W
                     horizon=cfg.horizon,
                     cut=cut_timestamp(cfg.cut_for(ds)),
                     min_train=wf.min_train,
-                    refit_every=wf.refit_every,
+                    refit_every=spec.refit_every or wf.refit_every,
                     block=wf.block,
                     window=wf.window,
                     window_size=wf.rolling_size if wf.window == "rolling" else None,
@@ -174,6 +174,7 @@ def run_training(
                 params={"dataset": ds, "cut": ev["cut"], "n_origins": ev["n_origins"]},
                 fitted_models={k: r.final_model for k, r in ordered.items()},
                 log_model_for=cand if cfg.promotion.register_models else None,
+                example_bars=frames[ds][1].tail(5),
             )
             ev["forecast_tables"] = {k: v["forecast_table"] for k, v in logged["models"].items()}
             ev["runs"] = {k: v["run_id"] for k, v in logged["models"].items()}

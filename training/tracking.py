@@ -160,27 +160,19 @@ def plot_rolling_qlike(results: Mapping[str, WalkForwardResult], path: str | Pat
 
 
 # ---------------------------------------------------------------------------- model logging
-def log_fitted_model(model: Any, *, name: str, example: pd.DataFrame | None = None) -> Any:
+def log_fitted_model(model: Any, *, name: str, example_bars: pd.DataFrame | None = None, horizon: int = 1) -> Any:
     """Log a fitted forecaster on the active run through the models' pyfunc wrapper.
 
-    Uses ``models.pyfunc.log_forecaster`` (``name=``, signature inferred there). Returns its
-    ``ModelInfo`` (``model_uri``), or None when the wrapper is not available.
+    ``models.pyfunc.log_forecaster`` logs it with ``name=`` and a signature inferred from
+    ``example_bars`` (a few feature bars). Returns its ``ModelInfo`` (``model_uri``), or None when the
+    wrapper is not available.
     """
     try:
         from models.pyfunc import log_forecaster
     except ModuleNotFoundError:
         log.warning("models.pyfunc.log_forecaster is not available; model %s not logged", name)
         return None
-    import inspect
-
-    kwargs: dict[str, Any] = {"name": name}
-    params = inspect.signature(log_forecaster).parameters
-    if example is not None:
-        for k in ("input_example", "frame", "example"):
-            if k in params:
-                kwargs[k] = example
-                break
-    return log_forecaster(model, **kwargs)
+    return log_forecaster(model, name=name, input_example=example_bars, horizon=int(horizon))
 
 
 # ---------------------------------------------------------------------------- tracker
@@ -229,11 +221,13 @@ class TrainingTracker:
         params: Mapping[str, Any],
         fitted_models: Mapping[str, Any] | None = None,
         log_model_for: str | None = None,
+        example_bars: pd.DataFrame | None = None,
     ) -> dict[str, Any]:
         """Nested run for one asset with one nested run per model; returns ``{"run_id", "models": {key: {...}}}``.
 
         The forecast table of each model is written to ``out_dir/forecasts/<asset>/<key>.parquet`` and logged;
-        the fitted model of ``log_model_for`` is logged with the pyfunc wrapper (for registration).
+        the fitted model of ``log_model_for`` is logged with the pyfunc wrapper (for registration), its
+        signature inferred from ``example_bars`` (the last feature bars).
         """
         mlflow = self._mlflow
         info: dict[str, Any] = {"models": {}}
@@ -275,8 +269,9 @@ class TrainingTracker:
                         "model_uri": None,
                     }
                     if key == log_model_for and fitted_models and fitted_models.get(key) is not None:
-                        example = res.table().iloc[-5:][["h.1"]] if len(res.forecast) >= 5 else None
-                        mi = log_fitted_model(fitted_models[key], name="model", example=example)
+                        mi = log_fitted_model(
+                            fitted_models[key], name="model", example_bars=example_bars, horizon=res.forecast.horizon
+                        )
                         entry["model_uri"] = getattr(mi, "model_uri", None)
                     info["models"][key] = entry
         return info

@@ -51,12 +51,14 @@ class ModelSpec(StrictModel):
     """One forecaster to train: a registered model ``name`` with keyword ``params``.
 
     ``label`` distinguishes two specifications of one model (e.g. ``garch`` with normal and with t
-    errors); it defaults to ``name`` and must be unique within a config.
+    errors); it defaults to ``name`` and must be unique within a config. ``refit_every`` overrides the
+    walk-forward schedule's for this model (e.g. a neural network refitted yearly, GARCH monthly).
     """
 
     name: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
+    refit_every: int | None = Field(default=None, ge=1)
 
     @property
     def key(self) -> str:

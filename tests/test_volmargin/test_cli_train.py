@@ -101,7 +101,17 @@ def test_train_then_list(workdir):
     assert "evaluation.json" in arts
     children = [r for r in runs_all if r.data.tags.get("model") == "har"]
     assert children and children[0].data.metrics["held_out.qlike"] == pytest.approx(asset["models"]["har"]["held_out"]["qlike"])
-    del mlflow
+    champ = client.get_model_version_by_alias("vol-SYN", "champion")
+    assert champ.tags["has_pyfunc"] == "true" and champ.tags["model_key"] == asset["champion"]
+    from data_pipelines.pipeline import prepare_dataset
+    from models.pyfunc import to_model_input
+
+    feats = prepare_dataset(f"csv:{workdir / 'SYN.csv'}").features
+    loaded = mlflow.pyfunc.load_model("models:/vol-SYN@champion")
+    out = loaded.predict(to_model_input(feats.tail(3)), params={"horizon": 2})
+    # the logged model is the one fitted at the last origin: its forecast from the last bar equals the table's
+    table = pd.read_parquet(asset["forecast_tables"][asset["champion"]])
+    np.testing.assert_allclose(out[["h.1", "h.2"]].to_numpy()[-1], table[["h.1", "h.2"]].to_numpy()[-1], rtol=1e-10)
 
     res = runner.invoke(app, ["models", "list", "--tracking-uri", f"sqlite:///{workdir / 'mlruns.db'}"])
     assert res.exit_code == 0, res.output
