@@ -25,6 +25,7 @@ __all__ = [
     "bars_per_year",
     "bar_steps",
     "off_grid_mask",
+    "grid_phase",
     "infer_bar",
     "content_hash",
     "validate_bar",
@@ -118,17 +119,31 @@ def bar_steps(index: pd.DatetimeIndex, bar: str, calendar: Calendar = "24/7") ->
     return out
 
 
-def off_grid_mask(index: pd.DatetimeIndex, bar: str, calendar: Calendar = "24/7") -> np.ndarray:
-    """True where a timestamp does not sit on the bar grid (multiples of the bar since the Unix epoch, UTC).
+def grid_phase(index: pd.DatetimeIndex, bar: str, calendar: Calendar = "24/7") -> int:
+    """The grid's offset in ns from the Unix epoch: the most common ``t mod bar`` (ties: the smallest).
 
-    Business-day bars must sit on midnight UTC of a weekday.
+    Daily bars stamped at 05:00 UTC (a local midnight) have phase 5 h; bars on round times have 0.
+    Business-day bars use the time of day.
+    """
+    ns = _as_ns(index)
+    if ns.shape[0] == 0:
+        return 0
+    step = _NS_PER_DAY if calendar == "business" else bar_nanos(bar)
+    vals, counts = np.unique(ns % step, return_counts=True)
+    return int(vals[np.argmax(counts)])
+
+
+def off_grid_mask(index: pd.DatetimeIndex, bar: str, calendar: Calendar = "24/7", phase: int = 0) -> np.ndarray:
+    """True where a timestamp is not on the bar grid ``phase + k × bar`` (ns since the Unix epoch, UTC).
+
+    Business-day bars must also fall on a weekday (Mon-Fri) at the phase's time of day.
     """
     ns = _as_ns(index)
     if calendar == "business":
-        on_midnight = ns % _NS_PER_DAY == 0
-        weekday = np.is_busday((ns // _NS_PER_DAY).astype("datetime64[D]"))
-        return ~(on_midnight & weekday)
-    return ns % bar_nanos(bar) != 0
+        on_time = (ns - phase) % _NS_PER_DAY == 0
+        weekday = np.is_busday(((ns - phase) // _NS_PER_DAY).astype("datetime64[D]"))
+        return ~(on_time & weekday)
+    return (ns - phase) % bar_nanos(bar) != 0
 
 
 def infer_bar(index: pd.DatetimeIndex | pd.Series) -> str:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from data_pipelines.bars import CANONICAL_COLUMNS, bar_nanos, bar_steps, bars_per_day, infer_bar
+from data_pipelines.bars import CANONICAL_COLUMNS, bar_nanos, bar_steps, bars_per_day, grid_phase, infer_bar
 from data_pipelines.quality import DEFAULT_EXTREME_SIGMA, extreme_return_mask
 
 __all__ = [
@@ -104,7 +104,8 @@ def yang_zhang(bars: pd.DataFrame, window: int = 30, *, rs: np.ndarray | None = 
     return pd.Series(yz.to_numpy(), index=bars.index, name="var_yz")
 
 
-def realized_variance(intraday_bars: pd.DataFrame, to: str = "1D", *, min_coverage: float = 0.8) -> pd.Series:
+def realized_variance(intraday_bars: pd.DataFrame, to: str = "1D", *, min_coverage: float = 0.8,
+                      offset: pd.Timedelta | str | None = None) -> pd.Series:
     """Sum of squared intraday log returns per ``to`` period (UTC), in decimal variance units.
 
     The return of bar t (close-to-close, ``ln C_t / C_{t-1}``) belongs to the period containing bar
@@ -120,6 +121,8 @@ def realized_variance(intraday_bars: pd.DataFrame, to: str = "1D", *, min_covera
         Target period, a fixed pandas alias (default one UTC day).
     min_coverage : float
         Fraction in (0, 1] of the expected returns a period needs.
+    offset : Timedelta, optional
+        Start of the periods relative to the UTC grid (e.g. ``"5h"`` for days that start at 05:00 UTC).
 
     Returns
     -------
@@ -136,7 +139,8 @@ def realized_variance(intraday_bars: pd.DataFrame, to: str = "1D", *, min_covera
     r = np.full(lc.shape[0], np.nan)
     r[1:] = np.diff(lc)
     s = pd.Series(r * r, index=intraday_bars.index)
-    grouped = s.groupby(intraday_bars.index.floor(to))
+    off = pd.Timedelta(offset) if offset is not None else pd.Timedelta(0)
+    grouped = s.groupby((intraday_bars.index - off).floor(to) + off)
     total = grouped.sum(min_count=1)
     count = grouped.count()
     rv = total.where(count >= min_coverage * per)
@@ -207,7 +211,8 @@ def build_features(bars: pd.DataFrame, *, har_days: Sequence[float] = (1, 7, 30)
         put(name, v)
     put("var_yz", yang_zhang(out, yz_window, rs=rv_range["var_rs"]).to_numpy())
     if rv is None and intraday is not None:
-        rv = realized_variance(intraday, to=bar)
+        phase = grid_phase(out.index, bar, calendar)
+        rv = realized_variance(intraday, to="1D" if bar == "1B" else bar, offset=pd.Timedelta(phase, unit="ns"))
     if rv is not None:
         aligned = pd.Series(rv).reindex(out.index).to_numpy(dtype=np.float64)
         put("rv", aligned)

@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from data_pipelines.bars import Calendar, bar_nanos
+from data_pipelines.bars import Calendar, bar_nanos, grid_phase
 from data_pipelines.features import build_features, realized_variance
 from data_pipelines.quality import (
     DEFAULT_EXTREME_SIGMA,
@@ -169,7 +169,9 @@ def prepare_dataset(source_id: str, *, policy: Policy = "repair", asset: str | N
         iraw = _load(intraday_id, asset=None, bar=None, calendar=None)
         ibars, _ = check_and_clean(iraw, policy="repair" if policy == "fail" else policy)
         if bar_nanos(ibars.attrs["bar"]) < bar_nanos(bars.attrs["bar"]):
-            rv = realized_variance(ibars, to=bars.attrs["bar"])
+            phase = grid_phase(bars.index, bars.attrs["bar"], bars.attrs.get("calendar", "24/7"))
+            rv = realized_variance(ibars, to="1D" if bars.attrs["bar"] == "1B" else bars.attrs["bar"],
+                                   offset=pd.Timedelta(phase, unit="ns"))
             logger.info("rv for %s from %s: %d bars covered", source_id, intraday_id, int(rv.reindex(bars.index).notna().sum()))
     features = build_features(bars, har_days=har_days, har_base=har_base, yz_window=yz_window, rv=rv,
                               extreme_sigma=extreme_sigma)

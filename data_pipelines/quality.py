@@ -12,6 +12,8 @@ non_positive_prices       row dropped (cannot be repaired)       row dropped
 negative_volume           row dropped                            row dropped
 unsorted                  stable sort by time (lossless)         same
 off_grid_bars             dropped: a stamp off the bar grid is   dropped
+                          (grid = the most common stamp phase,
+                          e.g. 00:00 or 05:00 UTC for daily)
                           a partial snapshot of a bar in
                           progress (its range covers less than
                           one bar); snapping would overwrite
@@ -57,6 +59,7 @@ from data_pipelines.bars import (
     bar_steps,
     bars_per_year,
     content_hash,
+    grid_phase,
     infer_bar,
     off_grid_mask,
     validate_bar,
@@ -373,7 +376,10 @@ def check_and_clean(raw: pd.DataFrame, policy: Policy = "repair", bar: str | Non
     act("unsorted", n_uns, "stable sort by UTC time (no row lost)" if n_uns else "already sorted", n_uns > 0)
 
     # off-grid stamps
-    bad_og = off_grid_mask(pd.DatetimeIndex(t_ns, tz="UTC"), bar, calendar)
+    kept_times = pd.DatetimeIndex(t_ns, tz="UTC")
+    phase = grid_phase(kept_times, bar, calendar)
+    details["grid_phase"] = str(pd.Timedelta(phase, unit="ns"))
+    bad_og = off_grid_mask(kept_times, bar, calendar, phase)
     n_og = drop_rows("off_grid_bars", bad_og, f"are not on the {bar} grid", "dropped")
     t_ns = times_all.asi8[pos]
     act("off_grid_bars", n_og, f"rows dropped (partial snapshot of a bar in progress; not snapped onto the {bar} grid)", True)

@@ -196,6 +196,13 @@ class TestRealizedVariance:
         rv = realized_variance(p.bars)
         assert rv.iloc[1:].mean() == pytest.approx(4e-4, rel=0.03)
 
+    def test_offset_days(self) -> None:
+        p = simulate(96 * 3, seed=2, bar="15min", intraday_steps=4, start="2024-01-01")
+        rv = realized_variance(p.bars, offset="5h")
+        r = np.diff(np.log(p.bars["close"].to_numpy()))
+        assert rv.index[1] == pd.Timestamp("2024-01-01T05:00Z")
+        assert rv.iloc[1] == pytest.approx(np.sum(r[19:19 + 96] ** 2), rel=1e-12)  # bars 20..115
+
     def test_rv_filled_in_features(self) -> None:
         intraday = simulate(96 * 10, seed=2, bar="15min", intraday_steps=4, start="2024-01-01").bars
         daily_idx = pd.date_range("2023-12-25", periods=20, freq="1D", tz="UTC", name="time")

@@ -122,6 +122,14 @@ class TestEachCheck:
         assert rep.off_grid_bars == 1 and rep.rows_out == 3
         assert "not snapped" in action(rep, "off_grid_bars")["action"]
 
+    def test_grid_phase_from_data(self) -> None:
+        t0 = pd.Timestamp("2024-01-01T05:00Z")  # daily bars stamped at a local midnight (UTC-5)
+        rows = [(t0 + pd.Timedelta(days=i), 100.0, 101.0, 99.0, 100.5, 1.0) for i in range(6)]
+        rows.append((rows[-1][0] + pd.Timedelta(hours=3), 100.0, 101.0, 99.0, 100.5, 1.0))
+        clean, rep = check_and_clean(raw_frame(rows, bar="1D"))
+        assert rep.off_grid_bars == 1 and rep.rows_out == 6 and rep.details["grid_phase"] == "0 days 05:00:00"
+        assert rep.gaps["count"] == 0
+
     def test_gaps_counted_not_filled(self) -> None:
         rows = hourly(10)
         del rows[3:6]  # one gap of 3 bars
