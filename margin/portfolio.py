@@ -134,31 +134,68 @@ def scenario_margin(
     return np.maximum(risk_measure(loss, measure, confidence), 0.0).sum(axis=1)
 
 
+def _max_loss_block(st: np.ndarray, positions: np.ndarray, out: np.ndarray, chunk: int) -> None:
+    n = st.shape[0]
+    buf = np.empty((n, chunk), dtype=st.dtype)
+    for c0 in range(0, positions.shape[0], chunk):
+        c1 = min(c0 + chunk, positions.shape[0])
+        b = buf[:, : c1 - c0]
+        np.matmul(st, positions[c0:c1].T, out=b)
+        np.max(b, axis=0, out=out[c0:c1])
+    np.maximum(out, 0, out=out)
+
+
 def max_loss_margin_chunked(
-    positions: np.ndarray, s: np.ndarray, chunk: int = 2048, out: np.ndarray | None = None
+    positions: np.ndarray,
+    s: np.ndarray,
+    chunk: int = 2048,
+    out: np.ndarray | None = None,
+    workers: int = 1,
 ) -> np.ndarray:
     """Worst-scenario margin ``max(0, max_k -(P @ S)[:, k])`` in cache-sized chunks (fast path).
 
-    Computes ``S^T @ P_chunk^T`` into a reused ``(n, chunk)`` buffer (BLAS reads ``P`` row-major without a
-    copy) and reduces over scenarios with element-wise minima across the buffer's rows, so the loss
+    Computes ``-S^T @ P_chunk^T`` into a reused ``(n, chunk)`` buffer (BLAS reads ``P`` row-major without
+    a copy) and reduces over scenarios with element-wise maxima across the buffer's rows, so the loss
     matrix never leaves the cache. Works in the dtype of ``positions`` (float32 or float64).
+
+    Parameters
+    ----------
+    positions : np.ndarray
+        ``(A, I)`` C-contiguous contracts.
+    s : np.ndarray
+        ``(I, n)`` scenario P&L per contract.
+    chunk : int
+        Accounts per GEMM call.
+    out : np.ndarray, optional
+        ``(A,)`` output buffer.
+    workers : int
+        Threads, each running single-threaded BLAS on a contiguous block of accounts (NumPy releases the
+        GIL in ``matmul`` and ``max``); for skinny GEMMs this beats one multi-threaded BLAS call.
     """
     dt = positions.dtype
-    st = np.ascontiguousarray(np.asarray(s, dtype=dt).T)  # (n, I)
+    st = np.ascontiguousarray(-np.asarray(s, dtype=dt).T)  # (n, I): losses = -S^T P^T
     a = positions.shape[0]
-    n = st.shape[0]
     if out is None:
         out = np.empty(a, dtype=dt)
-    buf = np.empty((n, chunk), dtype=dt)
-    for c0 in range(0, a, chunk):
-        c1 = min(c0 + chunk, a)
-        w = c1 - c0
-        b = buf[:, :w]
-        np.matmul(st, positions[c0:c1].T, out=b)
-        o = out[c0:c1]
-        np.min(b, axis=0, out=o)
-        np.negative(o, out=o)
-        np.maximum(o, 0, out=o)
+    if workers <= 1 or a < 2 * chunk:
+        _max_loss_block(st, positions, out, chunk)
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        import contextlib
+
+        threadpool_limits = lambda **_: contextlib.nullcontext()  # noqa: E731
+    edges = np.linspace(0, a, workers + 1).astype(int)
+    with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as ex:
+        futs = [
+            ex.submit(_max_loss_block, st, positions[e0:e1], out[e0:e1], chunk)
+            for e0, e1 in zip(edges[:-1], edges[1:], strict=True)
+        ]
+        for f in futs:
+            f.result()
     return out
 
 
