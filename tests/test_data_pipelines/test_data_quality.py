@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from data_pipelines.quality import (
     DataQualityError,
@@ -298,3 +300,40 @@ class TestRealData:
         assert rep.gaps["longest_bars"] == 222
         assert rep.zero_volume_bars > 2000
         assert clean.index.is_unique and clean.index.is_monotonic_increasing
+
+
+# ------------------------------------------------------------------ property: every row accounted for
+
+_row = st.tuples(
+    st.integers(0, 40),  # hour slot
+    st.sampled_from([0, 0, 0, 0, 7]),  # minutes: mostly on the grid
+    st.one_of(st.floats(-1, 200), st.just(float("nan"))),  # open
+    st.floats(0, 5, allow_nan=False),  # spread
+    st.floats(-0.05, 0.05, allow_nan=False),  # close move
+    st.one_of(st.floats(-1, 100), st.just(float("nan"))),  # volume
+    st.booleans(),  # make high < close
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(_row, min_size=2, max_size=40), st.sampled_from(["repair", "drop"]))
+def test_every_row_accounted_for(rows, policy) -> None:
+    t0 = pd.Timestamp("2024-01-01", tz="UTC")
+    data = []
+    for slot, minute, o, spread, move, vol, bad_high in rows:
+        c = o * (1 + move)
+        h = max(o, c) + spread if not bad_high else min(o, c) - 0.01
+        lo = min(o, c) - spread
+        data.append((t0 + pd.Timedelta(hours=slot, minutes=minute), o, h, lo, c, vol))
+    raw = raw_frame(data)
+    clean, rep = check_and_clean(raw, policy=policy, bar="1h")
+    removed = rep.non_finite_values + rep.non_positive_prices + rep.negative_volume + rep.off_grid_bars
+    removed += rep.details["duplicates"]["rows_removed"]
+    if policy == "drop":
+        removed += rep.ohlc_inconsistent
+    assert rep.rows_out == len(raw) - removed == len(clean)
+    assert clean.index.is_unique and clean.index.is_monotonic_increasing
+    v = clean.to_numpy()
+    assert np.isfinite(v).all() and (v[:, :4] > 0).all() and (v[:, 4] >= 0).all()
+    assert (v[:, 1] >= v[:, [0, 2, 3]].max(axis=1)).all() and (v[:, 2] <= v[:, [0, 1, 3]].min(axis=1)).all()
+    assert rep.gaps["missing_bars"] >= rep.gaps["count"] and (rep.gaps["count"] == 0) == (rep.gaps["longest_bars"] == 0)
