@@ -291,7 +291,8 @@ def scenario_pnl(
     arrays : InstrumentArrays
         ``I`` instruments.
     mark : np.ndarray
-        ``(I,)`` underlying forward/mark price per instrument (for options: the forward ``F``), USD.
+        ``(I,)`` underlying forward/mark price per instrument (for options: the forward ``F``), USD; a
+        per-account ``(A, I)`` array gives per-account matrices ``(A, I, n)``.
     sigma : np.ndarray
         ``(I,)`` annualised implied volatility (ignored for non-options; NaN allowed there).
     now : datetime
@@ -316,17 +317,17 @@ def scenario_pnl(
     v = vol_shock[arrays.underlying_index]
     cs = arrays.contract_size[:, None]
     # linear: cs * F * s ; inverse valued at the scenario price: cs * s
-    out = np.where(arrays.is_inverse[:, None], cs * s, cs * mark[:, None] * s)
+    out = np.where(arrays.is_inverse[:, None], cs * s, cs * mark[..., None] * s)
     if arrays.is_option.any():
         o = np.flatnonzero(arrays.is_option)
         t = arrays.time_to_expiry(now)[o][:, None]
-        sig = np.asarray(sigma, dtype=np.float64)[o][:, None]
-        f0 = mark[o][:, None]
+        sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), mark.shape)[..., o, None]
+        f0 = mark[..., o, None]
         k = arrays.strike[o][:, None]
         c = arrays.is_call[o][:, None]
         base = black76_price(f0, k, t, sig, c, r)
         shocked = black76_price(f0 * (1.0 + s[o]), k, t, np.maximum(sig * (1.0 + v[o]), 0.0), c, r)
-        out[o] = cs[o] * (shocked - base)
+        out[..., o, :] = cs[o] * (shocked - base)
     return out
 
 

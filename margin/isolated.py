@@ -276,12 +276,14 @@ def isolated_requirements(
     positions, entry : np.ndarray
         ``(A, I)`` signed contracts and entry prices.
     underlying_price : np.ndarray
-        ``(I,)`` mark of the underlying/forward per instrument, USD.
+        ``(I,)`` (or per-row ``(A, I)``) mark of the underlying/forward per instrument, USD.
     contract_mark : np.ndarray
-        ``(I,)`` contract mark: equals ``underlying_price`` for futures/perps, option premium per unit.
+        ``(I,)`` or ``(A, I)`` contract mark: the underlying mark for futures/perps, option premium per unit.
     """
     p = np.asarray(positions, dtype=np.float64)
     a, n_i = p.shape
+    underlying_price = np.broadcast_to(np.asarray(underlying_price, dtype=np.float64), p.shape)
+    contract_mark = np.broadcast_to(np.asarray(contract_mark, dtype=np.float64), p.shape)
     im = np.zeros_like(p)
     mm = np.zeros_like(p)
     tables: dict[int, dict[str, np.ndarray]] = {}
@@ -289,7 +291,7 @@ def isolated_requirements(
         q = p[:, i]
         if is_option[i]:
             im[:, i], mm[:, i] = option_margin(
-                q, underlying_price[i], strike[i], is_call[i], contract_mark[i], contract_size[i], params[i].option_rule
+                q, underlying_price[:, i], strike[i], is_call[i], contract_mark[:, i], contract_size[i], params[i].option_rule
             )
             continue
         key = id(params[i])
@@ -300,7 +302,7 @@ def isolated_requirements(
             n_entry = n_mark = np.abs(q) * contract_size[i]
         else:
             n_entry = np.abs(q) * contract_size[i] * entry[:, i]
-            n_mark = np.abs(q) * contract_size[i] * underlying_price[i]
+            n_mark = np.abs(q) * contract_size[i] * underlying_price[:, i]
         im[:, i] = tiered_requirement(n_entry, tab)[0]
         base = n_entry if params[i].mm_basis == "entry" else n_mark
         mm_i = tiered_requirement(base, tab)[1]
