@@ -50,6 +50,8 @@ class RegimeForecaster(Forecaster):
         Length of the trailing mean feature, in days (converted to bars from ``bars_per_year``).
     seed : int
         ``random_state`` of the mixture fit.
+    em_iter : int
+        Baum-Welch iterations refining the mixture into a Gaussian HMM (0: mixture + label transitions).
     min_obs : int
         Fewest bars accepted by ``fit``.
     """
@@ -64,9 +66,11 @@ class RegimeForecaster(Forecaster):
         column: str = "var_gk",
         smooth_days: float = 7.0,
         seed: int = 0,
+        em_iter: int = 0,
         min_obs: int = 200,
     ) -> None:
         self.n_regimes = n_regimes
+        self.em_iter = em_iter
         self.column = column
         self.smooth_days = smooth_days
         self.seed = seed
@@ -125,6 +129,9 @@ class RegimeForecaster(Forecaster):
         counts = np.ones((K, K))
         np.add.at(counts, (labels[:-1], labels[1:]), 1.0)
         self.transmat_ = counts / counts.sum(axis=1, keepdims=True)
+        self.n_em_iter_ = 0
+        if int(self.em_iter) > 0:
+            self._baum_welch(X, int(self.em_iter))
         self.regime_names_ = REGIME_NAMES[K]
         # regime variances: next-bar proxy weighted by one-step predicted regime probabilities
         la = self._forward(X, None)
@@ -168,6 +175,52 @@ class RegimeForecaster(Forecaster):
         self._last_probs = pd.DataFrame(probs, index=new_bars.index, columns=list(self.regime_names_))
         self.log_alpha_ = la[-1]
         self.v_ = hist[-self.window_ :]
+
+    def _baum_welch(self, X: np.ndarray, n_iter: int, tol: float = 1e-4) -> None:
+        """Refine the mixture into a Gaussian HMM by EM (forward-backward on the training bars only).
+
+        Smoothed probabilities are used only to *estimate* the parameters on the fit window; every
+        probability the model reports afterwards is filtered.
+        """
+        K, T = len(self.means_), len(X)
+        prev_ll = -np.inf
+        for it in range(1, n_iter + 1):
+            le = self._log_emission(X)
+            mx = le.max(axis=1, keepdims=True)
+            b = np.exp(le - mx)
+            P = self.transmat_
+            alpha = np.empty((T, K))
+            c = np.empty(T)
+            a = self.weights_ * b[0]
+            for t in range(T):
+                if t:
+                    a = (alpha[t - 1] @ P) * b[t]
+                c[t] = a.sum()
+                alpha[t] = a / c[t]
+            beta = np.empty((T, K))
+            beta[-1] = 1.0
+            for t in range(T - 2, -1, -1):
+                beta[t] = P @ (b[t + 1] * beta[t + 1]) / c[t + 1]
+            gamma = alpha * beta
+            gamma /= gamma.sum(axis=1, keepdims=True)
+            xi = (alpha[:-1].T @ (b[1:] * beta[1:] / c[1:, None])) * P
+            ll = float(np.log(c).sum() + mx.sum())
+            self.transmat_ = (xi + 1e-6) / (xi + 1e-6).sum(axis=1, keepdims=True)
+            w = gamma.sum(axis=0)
+            self.means_ = (gamma.T @ X) / w[:, None]
+            covs = []
+            for k in range(K):
+                d = X - self.means_[k]
+                covs.append((gamma[:, k, None] * d).T @ d / w[k] + 1e-6 * np.eye(X.shape[1]))
+            self.covariances_ = np.array(covs)
+            self.weights_ = w / w.sum()
+            self.n_em_iter_ = it
+            if ll - prev_ll < tol * abs(ll):
+                break
+            prev_ll = ll
+        order = np.argsort(self.means_[:, 1])
+        self.means_, self.covariances_, self.weights_ = self.means_[order], self.covariances_[order], self.weights_[order]
+        self.transmat_ = self.transmat_[np.ix_(order, order)]
 
     # ------------------------------------------------------------------ outputs
     def regime_probabilities(self, frame: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,145 @@
+"""GARCH family through arch: parameter recovery, units, closed-form forecasts, warm starts, fallbacks."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from arch.univariate import GARCH, StudentsT, ZeroMean
+from scipy import stats
+
+from models.garch import ArchForecaster, EGARCHForecaster, GJRForecaster
+
+TRUE = {"omega": 0.05, "alpha[1]": 0.08, "beta[1]": 0.90, "nu": 6.0}  # omega in %² (returns ×100)
+
+
+def simulate_garch_t(n: int, seed: int) -> pd.DataFrame:
+    """GARCH(1,1)-t path from arch's own simulator, as a decimal-return frame."""
+    am = ZeroMean(None, volatility=GARCH(), distribution=StudentsT(seed=np.random.default_rng(seed)))
+    sim = am.simulate(list(TRUE.values()), n, burn=500)
+    idx = pd.date_range("2010-01-01", periods=n, freq="D", tz="UTC")
+    return pd.DataFrame({"ret": sim["data"].to_numpy() / 100.0}, index=idx)
+
+
+@pytest.fixture(scope="module")
+def garch_frame() -> pd.DataFrame:
+    return simulate_garch_t(5000, seed=1)
+
+
+class TestParameterRecovery:
+    @pytest.mark.parametrize("seed", [1, 2])
+    def test_garch11_t_recovers_parameters(self, seed):
+        """n=5000: alpha within ±0.03, beta within ±0.04, alpha+beta within ±0.02, omega within ±50%, nu ±2."""
+        f = ArchForecaster().fit(simulate_garch_t(5000, seed))
+        p = f.params_
+        assert f.converged_
+        assert abs(p["alpha[1]"] - TRUE["alpha[1]"]) < 0.03
+        assert abs(p["beta[1]"] - TRUE["beta[1]"]) < 0.04
+        assert abs(p["alpha[1]"] + p["beta[1]"] - 0.98) < 0.02
+        assert abs(p["omega"] / TRUE["omega"] - 1) < 0.5
+        assert abs(p["nu"] - TRUE["nu"]) < 2.0
+
+
+class TestForecasts:
+    def test_units_and_closed_form_multistep(self, garch_frame):
+        """Per-step variance in decimal units equals the GARCH(1,1) closed form written by hand."""
+        f = ArchForecaster().fit(garch_frame)
+        p = f.params_
+        w, a, b = p["omega"] / 1e4, p["alpha[1]"], p["beta[1]"]
+        # one-step variance by a plain loop over the returns (backcast as arch: EWMA of first 75 squares)
+        r = garch_frame["ret"].to_numpy()
+        tau = min(75, len(r))
+        wts = 0.94 ** np.arange(tau)
+        s2 = float(wts @ r[:tau] ** 2 / wts.sum())
+        for x in r:
+            s2 = w + a * x * x + b * s2
+        h = np.arange(1, 11)
+        lr = w / (1 - a - b)
+        expected = lr + (a + b) ** (h - 1) * (s2 - lr)
+        fc = f.predict_variance(10)
+        np.testing.assert_allclose(fc.variance[0], expected, rtol=1e-6)
+
+    def test_matches_arch_forecast_of_scaled_data(self, garch_frame):
+        from arch import arch_model
+
+        f = GJRForecaster(dist="skewt").fit(garch_frame)
+        ref = arch_model(garch_frame["ret"] * 100, mean="Zero", vol="GARCH", p=1, o=1, q=1, dist="skewt",
+                         rescale=False).fix(f.params_).forecast(horizon=5, reindex=False)
+        np.testing.assert_allclose(f.predict_variance(5).variance[0], ref.variance.to_numpy()[-1] / 1e4, rtol=1e-10)
+
+    def test_normal_quantiles(self, garch_frame):
+        f = ArchForecaster(dist="normal", quantile_levels=(0.01, 0.5, 0.99)).fit(garch_frame)
+        fc = f.predict_variance(3)
+        expected = np.sqrt(fc.variance[0])[:, None] * stats.norm.ppf([0.01, 0.5, 0.99])[None, :]
+        np.testing.assert_allclose(fc.quantiles[0], expected, rtol=1e-8, atol=1e-15)
+
+    def test_egarch_simulation_is_seeded(self, garch_frame):
+        a = EGARCHForecaster(seed=3).fit(garch_frame).predict_variance(5).variance
+        b = EGARCHForecaster(seed=3).fit(garch_frame).predict_variance(5).variance
+        c = EGARCHForecaster(seed=4).fit(garch_frame).predict_variance(5).variance
+        np.testing.assert_array_equal(a, b)
+        assert a[0, 0] == c[0, 0]  # step 1 is analytic
+        assert not np.allclose(a[0, 1:], c[0, 1:], rtol=1e-12)
+
+    def test_std_resid_are_arch_standardized_residuals(self, garch_frame):
+        f = ArchForecaster().fit(garch_frame)
+        fc = f.predict_variance(1)
+        r = garch_frame["ret"].to_numpy()
+        np.testing.assert_allclose(fc.std_resid, r / np.sqrt(f.conditional_variance().to_numpy()), rtol=1e-8)
+
+
+class TestRollingRefits:
+    def test_warm_start_uses_last_good_parameters(self, garch_frame):
+        f = ArchForecaster().fit(garch_frame.iloc[:3000])
+        assert not f.warm_started_
+        f.fit(garch_frame.iloc[:3001])
+        assert f.warm_started_ and f.n_fits_ == 2
+        cold = ArchForecaster(warm_start=False).fit(garch_frame.iloc[:3001])
+        assert not cold.warm_started_
+        np.testing.assert_allclose(f.params_.to_numpy(), cold.params_.to_numpy(), rtol=2e-2)
+
+    def test_changed_specification_starts_cold(self, garch_frame):
+        f = ArchForecaster().fit(garch_frame.iloc[:2000])
+        f.set_params(dist="skewt").fit(garch_frame.iloc[:2001])
+        assert not f.warm_started_
+
+    def test_non_convergence_falls_back_and_is_counted(self, garch_frame, monkeypatch, caplog):
+        f = ArchForecaster().fit(garch_frame.iloc[:2000])
+        good = f.params_.copy()
+        monkeypatch.setattr(ArchForecaster, "_ok", staticmethod(lambda res: False))
+        with caplog.at_level(logging.WARNING, logger="models.garch"):
+            f.fit(garch_frame.iloc[:2500])
+        assert f.n_fallbacks_ == 1 and f.used_fallback_ and not f.converged_
+        pd.testing.assert_series_equal(f.params_, good)
+        assert "did not converge" in caplog.text and "fallback #1" in caplog.text
+        # the state moved on to the new data even though the parameters were kept
+        assert f.last_time_ == garch_frame.index[2499]
+
+    def test_first_fit_without_convergence_warns(self, garch_frame, monkeypatch, caplog):
+        monkeypatch.setattr(ArchForecaster, "_ok", staticmethod(lambda res: False))
+        with caplog.at_level(logging.WARNING, logger="models.garch"):
+            f = ArchForecaster().fit(garch_frame.iloc[:1000])
+        assert not f.converged_ and f.n_fallbacks_ == 0
+        assert "no earlier good parameters" in caplog.text
+
+
+class TestValidation:
+    @pytest.mark.parametrize(
+        ("params", "match"),
+        [
+            ({"vol": "XGARCH"}, "vol must be one of"),
+            ({"dist": "cauchy"}, "dist must be one of"),
+            ({"mean": "AR"}, "mean must be one of"),
+            ({"p": -1}, "p must be a non-negative integer"),
+            ({"p": 0, "o": 0}, "p or o must be >= 1"),
+        ],
+    )
+    def test_bad_parameters(self, garch_frame, params, match):
+        with pytest.raises(ValueError, match=match):
+            ArchForecaster(**params).fit(garch_frame.iloc[:500])
+
+    def test_too_few_returns(self, garch_frame):
+        with pytest.raises(ValueError, match="needs at least min_obs=100 returns, got 50"):
+            ArchForecaster().fit(garch_frame.iloc[:50])
