@@ -484,6 +484,9 @@ def load_binance(path: str | Path, *, asset: str | None = None, bar: str | None 
                    bar=bar, calendar="24/7", path=str(p), row_name="line", checksum_verified=checked)
 
 
+_CCXT_FIELDS = "timestamp_ms, open, high, low, close, volume"
+
+
 def load_ccxt(rows: Sequence[Sequence[Any]] | str | Path, *, asset: str | None = None, bar: str | None = None,
               source: str | None = None) -> pd.DataFrame:
     """Load CCXT ``fetch_ohlcv`` rows ``[timestamp_ms, open, high, low, close, volume]``.
@@ -498,17 +501,17 @@ def load_ccxt(rows: Sequence[Sequence[Any]] | str | Path, *, asset: str | None =
         path, where = str(p), str(p)
         text = p.read_text(encoding="utf-8")
         if not text.strip():
-            raise ValueError(f"{p}: file is empty (expected a JSON list of [timestamp_ms, o, h, l, c, v] rows)")
+            raise ValueError(f"{p}: file is empty (expected a JSON list of rows of 6 numbers: {_CCXT_FIELDS})")
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{p}: not valid JSON ({exc})") from None
         asset = asset or _asset_from_name(p)
     if not isinstance(rows, list | tuple) or len(rows) == 0:
-        raise ValueError(f"{where}: expected a non-empty list of [timestamp_ms, open, high, low, close, volume] rows")
+        raise ValueError(f"{where}: expected a non-empty list of rows of 6 numbers: {_CCXT_FIELDS}")
     for i, r in enumerate(rows):
         if not isinstance(r, list | tuple) or len(r) < 6:
-            raise ValueError(f"{where}: record {i + 1}: expected [timestamp_ms, open, high, low, close, volume], got {r!r}")
+            raise ValueError(f"{where}: record {i + 1}: expected 6 numbers ({_CCXT_FIELDS}), got {str(r)[:60]!r}")
     recs = np.arange(1, len(rows) + 1, dtype=np.int64)
     names = ("timestamp", "open", "high", "low", "close", "volume")
     cols = list(zip(*[r[:6] for r in rows], strict=True))

@@ -126,3 +126,11 @@ def test_prepare_bundled_bitstamp(tmp_path: Path) -> None:
     q = json.loads((tmp_path / "BTC" / "quality.json").read_text())
     assert q["non_positive_prices"] == 2 and q["rows_out"] == 2749 and q["gaps"]["longest_bars"] == 21
     assert flat("non_positive_prices 2 rows dropped") in flat(r.output)
+
+
+def test_bad_ccxt_json_message_survives_rich(tmp_path: Path) -> None:
+    bad = tmp_path / "rows.json"
+    bad.write_text("[[1704067200000, 1, 2]]")
+    r = invoke("data", "quality", str(bad))
+    assert r.exit_code == 2
+    assert flat("record 1: expected 6 numbers (timestamp_ms, open, high, low, close, volume)") in flat(r.output)
