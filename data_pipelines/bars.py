@@ -150,7 +150,7 @@ def infer_bar(index: pd.DatetimeIndex | pd.Series) -> str:
     """Infer the bar alias as the most common positive spacing between sorted unique timestamps."""
     ns = np.unique(_as_ns(pd.DatetimeIndex(index).dropna()))
     if ns.shape[0] < 2:
-        raise ValueError("cannot infer the bar size from fewer than 2 distinct timestamps; pass bar=")
+        raise ValueError("cannot infer the bar size from fewer than 2 distinct timestamps; pass bar= (CLI: --bar)")
     diffs = np.diff(ns)
     vals, counts = np.unique(diffs, return_counts=True)
     return bar_alias_from_nanos(int(vals[np.argmax(counts)]))

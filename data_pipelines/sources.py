@@ -339,9 +339,13 @@ def _finish(frame: pd.DataFrame, *, source: str, asset: str, bar: str | None, ca
             path: str | None, row_name: str, **extra: Any) -> pd.DataFrame:
     if frame.empty:
         raise ValueError(f"{path or source}: no data rows")
-    if bar is None:
-        bar = infer_bar(frame["time"])
-    bar = validate_bar(bar)
+    where = path or source
+    try:
+        if bar is None:
+            bar = infer_bar(frame["time"])
+        bar = validate_bar(bar)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     if bar == "1B":
         calendar = "business"
     frame.attrs.update(

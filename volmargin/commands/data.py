@@ -86,7 +86,7 @@ def render_summary(report: Any, *, title: str | None = None, out_dir: Path | Non
         short = (_SHORT_DROP if d["policy"] == "drop" else {}).get(check) or _SHORT.get(check, a["action"])
         if check == "timezone_offsets" and not count:
             count = 1  # always say how times were read
-            short = "no offset in source: read as UTC" if "none" in d["timezone_offsets"] else "one offset: converted to UTC"
+            short = "naive, read as UTC" if "none" in d["timezone_offsets"] else "one offset: converted to UTC"
         table.add_row(Text(check, style=style), Text(shown, style=style), Text(short if count else "-", style="dim" if not count else ""))
     foot = Text("rules: quality.json 'actions'; gaps are never forward-filled", style="dim")
     target.print(Panel(Group(head, table, foot), title=title or "data quality", expand=False))
