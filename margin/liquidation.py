@@ -40,7 +40,6 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from margin.isolated import liquidation_price_linear
 from margin.params import LiquidationSettings
 
 __all__ = [
@@ -128,16 +127,22 @@ def liquidate_accounts(
 
 @dataclass
 class IsolatedLiquidation:
-    """Per-position result of one bar of :func:`liquidate_isolated` (arrays of the input length, USD)."""
+    """Result of one bar of :func:`liquidate_isolated`.
 
+    ``triggered`` (bool), ``qty_after`` and ``margin_after`` have the input length; every other array is
+    compact: one entry per triggered position, in the order of ``index`` (their positions in the input).
+    Amounts in USD.
+    """
+
+    index: np.ndarray
     triggered: np.ndarray
+    qty_after: np.ndarray
+    margin_after: np.ndarray
     full: np.ndarray
     fraction: np.ndarray
     fill_price: np.ndarray
     exec_price: np.ndarray
     closed_qty: np.ndarray
-    qty_after: np.ndarray
-    margin_after: np.ndarray
     realised_pnl: np.ndarray
     slippage_cost: np.ndarray
     penalty: np.ndarray
@@ -147,6 +152,9 @@ class IsolatedLiquidation:
     returned: np.ndarray
     fund_after: float
     totals: dict[str, float] = field(default_factory=dict)
+
+
+_FLOWS = ("realised_pnl", "slippage_cost", "penalty", "bad_debt", "fund_draw", "uncovered_bad_debt", "returned")
 
 
 def liquidate_isolated(
@@ -163,21 +171,25 @@ def liquidate_isolated(
     fund: float,
     bar_volume: float = np.inf,
     contract_size: np.ndarray | float = 1.0,
+    inplace: bool = False,
 ) -> IsolatedLiquidation:
     """Liquidate isolated linear positions of one market over one OHLC bar, vectorised.
+
+    The trigger test runs on every position (a handful of array operations); the liquidation arithmetic
+    runs only on the triggered ones, so a bar costs little when few positions are hit.
 
     Parameters
     ----------
     side : np.ndarray
-        +1 long / -1 short per position.
+        +1 long / -1 short per position (float).
     qty : np.ndarray
         Open contracts (>= 0; 0 = closed, ignored).
     entry : np.ndarray
         Entry prices, USD.
     margin : np.ndarray
-        Isolated margin balances, USD.
+        Isolated margin balances, USD (after fees, including funding).
     mm_rate : array_like
-        Maintenance rate per position (flat; MM on mark notional).
+        Maintenance rate per position (flat, in [0, 1); MM on mark notional, no maintenance amount).
     bar_open, bar_high, bar_low, bar_close : float
         The bar's mark prices, USD.
     settings : LiquidationSettings
@@ -188,82 +200,80 @@ def liquidate_isolated(
         Bar notional volume, USD (``inf``: no volume impact).
     contract_size : array_like
         Underlying units per contract.
+    inplace : bool
+        Update ``qty`` and ``margin`` in place (they are then also ``qty_after``/``margin_after``).
 
     Returns
     -------
     IsolatedLiquidation
-        New sizes and margins, flows per position, the fund after the bar and bar totals.
     """
     side = np.asarray(side, dtype=np.float64)
     qty = np.asarray(qty, dtype=np.float64)
-    entry = np.asarray(entry, dtype=np.float64)
     margin = np.asarray(margin, dtype=np.float64)
-    n_pos = side.shape[0]
-    m = np.broadcast_to(np.asarray(mm_rate, dtype=np.float64), (n_pos,))
-    cs = np.broadcast_to(np.asarray(contract_size, dtype=np.float64), (n_pos,))
-    zeros = np.zeros(n_pos)
-    out = IsolatedLiquidation(
-        triggered=np.zeros(n_pos, dtype=bool), full=np.zeros(n_pos, dtype=bool), fraction=zeros.copy(),
-        fill_price=np.full(n_pos, np.nan), exec_price=np.full(n_pos, np.nan), closed_qty=zeros.copy(),
-        qty_after=qty.copy(), margin_after=margin.copy(), realised_pnl=zeros.copy(), slippage_cost=zeros.copy(),
-        penalty=zeros.copy(), bad_debt=zeros.copy(), fund_draw=zeros.copy(), uncovered_bad_debt=zeros.copy(),
-        returned=zeros.copy(), fund_after=float(fund),
-    )
-    live = qty > 0
-    # cheap trigger test on all positions: long hits when low <= L, short when high >= L
-    lp = liquidation_price_linear(side, np.where(live, qty, 1.0), entry, margin, m, 0.0, 0.0, cs)
-    trig = live & np.where(side > 0, bar_low <= lp, bar_high >= lp)
+    m_all = np.asarray(mm_rate, dtype=np.float64)
+    cs_all = np.asarray(contract_size, dtype=np.float64)
+    # liquidation price (linear, MM on mark, cum = 0): L = (E - side W / N) / (1 - side m); qty = 0 gives
+    # +-inf/NaN, which never triggers
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lp = (entry - side * margin / (qty * cs_all)) / (1.0 - side * m_all)
+    trig = np.where(side > 0, lp >= bar_low, lp <= bar_high)
+    trig &= qty > 0
     idx = np.flatnonzero(trig)
-    if idx.size:
-        sd, q, ep, w, mr, c, lpi = side[idx], qty[idx], entry[idx], margin[idx], m[idx], cs[idx], lp[idx]
-        fill = np.where(sd > 0, np.minimum(lpi, bar_open), np.maximum(lpi, bar_open))
-        fill = np.maximum(fill, 0.0)
-        n_full = q * c * fill
-        rng = (bar_high - bar_low) / bar_open if bar_open > 0 else 0.0
-        vol_term = n_full.sum() / bar_volume if np.isfinite(bar_volume) and bar_volume > 0 else 0.0
-        s = settings.slippage_base + settings.slippage_range_coef * rng + settings.slippage_volume_coef * vol_term
-        eq = w + sd * q * c * (fill - ep)
-        mm = mr * n_full
-        cost = n_full * (settings.penalty_rate + s)
-        # at the trigger the position is at HF <= 1 (equality at L up to rounding): apply the rule there
-        f = partial_close_fraction(np.minimum(eq, mm), mm, cost, settings.target_health, settings.max_close_fraction)
-        full = f >= 1.0
-        cq = f * q
-        realised = sd * cq * c * (fill - ep)
-        slip = cq * c * fill * s
-        e_s = eq - f * n_full * s  # equity after slippage (partial: whole position's equity minus slip)
-        pen_due = cq * c * fill * settings.penalty_rate
-        pen = np.where(full, np.clip(e_s, 0.0, pen_due), pen_due)
-        bad = np.where(full, np.maximum(-e_s, 0.0), 0.0)
-        returned = np.where(full, np.maximum(e_s - pen, 0.0), 0.0)
-        m_after = np.where(full, 0.0, w + realised - slip - pen)
-        out.triggered[idx] = True
-        out.full[idx] = full
-        out.fraction[idx] = f
-        out.fill_price[idx] = fill
-        out.exec_price[idx] = fill * (1.0 - sd * s)
-        out.closed_qty[idx] = cq
-        out.qty_after[idx] = np.where(full, 0.0, q - cq)
-        out.margin_after[idx] = m_after
-        out.realised_pnl[idx] = realised
-        out.slippage_cost[idx] = slip
-        out.penalty[idx] = pen
-        out.bad_debt[idx] = bad
-        out.returned[idx] = returned
-        fund_now = float(fund) + float(pen.sum())
-        total_bad = float(bad.sum())
-        draw = min(total_bad, fund_now)
-        if total_bad > 0:
-            share = bad / total_bad
-            out.fund_draw[idx] = draw * share
-            out.uncovered_bad_debt[idx] = (total_bad - draw) * share
-        out.fund_after = fund_now - draw
-    out.totals = {
-        k: float(getattr(out, k).sum())
-        for k in ("realised_pnl", "slippage_cost", "penalty", "bad_debt", "fund_draw", "uncovered_bad_debt", "returned")
-    }
-    out.totals["liquidations"] = float(out.triggered.sum())
-    out.totals["liquidated_notional"] = float((out.closed_qty * cs * np.nan_to_num(out.fill_price)).sum())
+    qty_after = qty if inplace else qty.copy()
+    margin_after = margin if inplace else margin.copy()
+    k = idx.size
+    fund_after = float(fund)
+    if k == 0:
+        e = np.zeros(0)
+        out = IsolatedLiquidation(
+            index=idx, triggered=trig, qty_after=qty_after, margin_after=margin_after, full=np.zeros(0, bool),
+            fraction=e, fill_price=e, exec_price=e, closed_qty=e, realised_pnl=e, slippage_cost=e, penalty=e,
+            bad_debt=e, fund_draw=e, uncovered_bad_debt=e, returned=e, fund_after=fund_after,
+        )
+        out.totals = dict.fromkeys(_FLOWS, 0.0) | {"liquidations": 0.0, "liquidated_notional": 0.0}
+        return out
+    sd, q, ep, w, lpi = side[idx], qty[idx], np.asarray(entry, dtype=np.float64)[idx], margin[idx], lp[idx]
+    mr = m_all[idx] if m_all.ndim else m_all
+    c = cs_all[idx] if cs_all.ndim else cs_all
+    fill = np.where(sd > 0, np.minimum(lpi, bar_open), np.maximum(lpi, bar_open))
+    fill = np.maximum(fill, 0.0)
+    n_full = q * c * fill
+    rng = (bar_high - bar_low) / bar_open if bar_open > 0 else 0.0
+    vol_term = n_full.sum() / bar_volume if np.isfinite(bar_volume) and bar_volume > 0 else 0.0
+    s = settings.slippage_base + settings.slippage_range_coef * rng + settings.slippage_volume_coef * vol_term
+    eq = w + sd * q * c * (fill - ep)
+    mm = mr * n_full
+    cost = n_full * (settings.penalty_rate + s)
+    # at the trigger the position is at HF <= 1 (equality at L up to rounding): apply the rule there
+    f = partial_close_fraction(np.minimum(eq, mm), mm, cost, settings.target_health, settings.max_close_fraction)
+    full = f >= 1.0
+    cq = f * q
+    realised = sd * cq * c * (fill - ep)
+    slip = cq * c * fill * s
+    e_s = eq - slip  # equity after slippage (whole position)
+    pen_due = cq * c * fill * settings.penalty_rate
+    pen = np.where(full, np.clip(e_s, 0.0, pen_due), pen_due)
+    bad = np.where(full, np.maximum(-e_s, 0.0), 0.0)
+    returned = np.where(full, np.maximum(e_s - pen, 0.0), 0.0)
+    qty_after[idx] = np.where(full, 0.0, q - cq)
+    margin_after[idx] = np.where(full, 0.0, w + realised - slip - pen)
+    fund_now = fund_after + float(pen.sum())
+    total_bad = float(bad.sum())
+    draw = min(total_bad, fund_now)
+    if total_bad > 0:
+        share = bad / total_bad
+        fund_draw, uncovered = draw * share, (total_bad - draw) * share
+    else:
+        fund_draw = uncovered = np.zeros(k)
+    out = IsolatedLiquidation(
+        index=idx, triggered=trig, qty_after=qty_after, margin_after=margin_after, full=full, fraction=f,
+        fill_price=fill, exec_price=fill * (1.0 - sd * s), closed_qty=cq, realised_pnl=realised,
+        slippage_cost=slip, penalty=pen, bad_debt=bad, fund_draw=fund_draw, uncovered_bad_debt=uncovered,
+        returned=returned, fund_after=fund_now - draw,
+    )
+    out.totals = {name: float(getattr(out, name).sum()) for name in _FLOWS}
+    out.totals["liquidations"] = float(k)
+    out.totals["liquidated_notional"] = float((cq * c * fill).sum())
     return out
 
 

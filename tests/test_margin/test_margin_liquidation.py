@@ -61,7 +61,7 @@ class TestIsolatedBar:
         lp = float(liquidation_price_linear(1, 1.0, 100.0, 10.0, 0.05))
         r = liquidate_isolated(np.array([1.0]), np.array([1.0]), np.array([100.0]), np.array([10.0]), 0.05,
                                bar_open=99.0, bar_high=99.5, bar_low=lp - 1, bar_close=lp, settings=SET, fund=0.0)
-        assert r.triggered[0] and r.fill_price[0] == pytest.approx(lp)
+        assert r.triggered[0] and list(r.index) == [0] and r.fill_price[0] == pytest.approx(lp)
         assert r.exec_price[0] == pytest.approx(lp * (1 - 0.001))
         eq = 10 + (lp - 100)
         mm = 0.05 * lp
@@ -87,7 +87,8 @@ class TestIsolatedBar:
     def test_untriggered_untouched(self):
         r = liquidate_isolated(np.array([1.0, -1.0]), np.array([1.0, 1.0]), np.array([100.0, 100.0]),
                                np.array([10.0, 10.0]), 0.05, 100, 101, 99, 100, SET, 0.0)
-        assert not r.triggered.any() and np.all(r.margin_after == 10.0) and r.totals["penalty"] == 0.0
+        assert not r.triggered.any() and r.index.size == 0 and np.all(r.margin_after == 10.0)
+        assert r.totals["penalty"] == 0.0
 
     def test_slippage_grows_with_range_and_volume(self):
         s = LiquidationSettings(slippage_base=0.001, slippage_range_coef=0.2, slippage_volume_coef=0.5,
@@ -152,11 +153,12 @@ def _simulate(seed: int, n: int = 400, bars: int = 120):
         top = np.where((qty > 0) & (rng.uniform(size=n) < 0.05), rng.uniform(0, 5, n), 0.0)
         margin = margin + top
         led.top_ups += float(top.sum())
-        res = liquidate_isolated(side, qty, entry, margin, mmr, o, h, lo, c, settings, fund, bar_volume=5e4)
+        res = liquidate_isolated(side, qty, entry, margin, mmr, o, h, lo, c, settings, fund, bar_volume=5e4,
+                                 inplace=seed % 2 == 0)
         led.record_liquidation(res)
         qty, margin, fund = res.qty_after, res.margin_after, res.fund_after
         for bside in (1.0, -1.0):
-            short = float(res.uncovered_bad_debt[side == bside].sum())
+            short = float(res.uncovered_bad_debt[side[res.index] == bside].sum())
             if short > 0:
                 adl = auto_deleverage(short, bside, side, qty, entry, margin, c)
                 led.record_adl(adl)
@@ -174,3 +176,25 @@ def test_accounting_identity_every_step(seed):
     worst, led = _simulate(seed)
     assert worst <= 1e-9
     assert led.penalties > 0 and led.realised_pnl != 0.0 and led.bad_debt > 0
+
+
+def test_vectorised_matches_single_position_calls():
+    """The array call equals calling the function one position at a time (and the closed-form trigger)."""
+    rng = np.random.default_rng(5)
+    n = 300
+    side = rng.choice([-1.0, 1.0], n)
+    qty = rng.uniform(0.1, 5, n)
+    qty[::17] = 0.0
+    entry = 100 * np.exp(rng.normal(0, 0.03, n))
+    mmr = rng.uniform(0.005, 0.05, n)
+    margin = qty * entry / rng.uniform(2, 0.9 / mmr)
+    r = liquidate_isolated(side, qty, entry, margin, mmr, 100.0, 104.0, 95.0, 99.0, SET, 50.0)
+    lp = liquidation_price_linear(side, np.where(qty > 0, qty, 1.0), entry, margin, mmr)
+    expect = (qty > 0) & np.where(side > 0, 95.0 <= lp, 104.0 >= lp)
+    np.testing.assert_array_equal(r.triggered, expect)
+    for j, i in enumerate(r.index):
+        one = liquidate_isolated(side[i:i + 1], qty[i:i + 1], entry[i:i + 1], margin[i:i + 1], mmr[i:i + 1],
+                                 100.0, 104.0, 95.0, 99.0, SET, 0.0)
+        assert one.fraction[0] == pytest.approx(r.fraction[j], rel=1e-12)
+        assert one.penalty[0] == pytest.approx(r.penalty[j], rel=1e-12, abs=1e-12)
+        assert one.bad_debt[0] == pytest.approx(r.bad_debt[j], rel=1e-12, abs=1e-12)
