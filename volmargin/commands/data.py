@@ -47,6 +47,12 @@ def _policy(value: str) -> str:
     return value
 
 
+def _calendar(value: str | None) -> str | None:
+    if value is not None and value not in ("24/7", "business"):
+        raise ValueError(f"--calendar must be '24/7' or 'business', got {value!r}")
+    return value
+
+
 def _day(iso: str | None) -> str:
     if not iso:
         return "-"
@@ -105,10 +111,20 @@ def list_cmd(
     for col in ("asset", "bar", "kind", "available"):
         table.add_column(col, no_wrap=True)
     table.add_column("description", overflow="fold")
+    from data_pipelines.sources import BUNDLED
+
+    hints: dict[str, str] = {}
     for info in list_datasets(cache_dir):
-        avail = Text("yes", style="green") if info.available else Text("no (install the package)", style="red")
+        avail = Text("yes", style="green") if info.available else Text("no", style="red")
         table.add_row(info.source_id, info.asset, info.bar, info.kind, avail, info.description)
+        if not info.available and info.source_id in BUNDLED:
+            try:
+                BUNDLED[info.source_id].locate()
+            except FileNotFoundError as exc:
+                hints.setdefault(BUNDLED[info.source_id].package, str(exc))
     console.print(table)
+    for hint in hints.values():
+        console.print(Text(f"missing: {hint}", style="red"))
 
 
 @app.command("prepare")
@@ -119,11 +135,13 @@ def prepare_cmd(
     policy: str = typer.Option("repair", "--policy", "-p", help=_POLICY_HELP),
     extreme_sigma: float = typer.Option(8.0, "--extreme-sigma", help="Flag returns beyond this many trailing robust sigmas."),
     bar: str | None = typer.Option(None, "--bar", help="Bar size override (pandas alias: 1D, 15min, 1h)."),
+    calendar: str | None = typer.Option(None, "--calendar", help="24/7 (crypto, default for files) or business (equities)."),
 ) -> None:
     """Load, check and clean a data set, build features, and write them atomically to OUT."""
     from data_pipelines.pipeline import prepare_dataset, write_prepared
 
-    prepared = prepare_dataset(source, policy=_policy(policy), extreme_sigma=extreme_sigma, bar=bar)  # type: ignore[arg-type]
+    prepared = prepare_dataset(source, policy=_policy(policy), extreme_sigma=extreme_sigma, bar=bar,  # type: ignore[arg-type]
+                               calendar=_calendar(calendar))
     path = write_prepared(prepared, out)
     render_summary(prepared.report, title=f"{prepared.asset}: {source}", out_dir=path)
 
@@ -137,13 +155,16 @@ def quality_cmd(
     asset: str | None = typer.Option(None, "--asset", help="Asset label (default: the file name)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Also write the report as JSON here (atomically)."),
     extreme_sigma: float = typer.Option(8.0, "--extreme-sigma", help="Flag returns beyond this many trailing robust sigmas."),
+    calendar: str | None = typer.Option(None, "--calendar", help="24/7 (crypto, default for files) or business (equities)."),
 ) -> None:
     """Run the quality checks on FILE and print the report (nothing is written unless --out)."""
     from data_pipelines.quality import check_and_clean, write_quality_json
     from data_pipelines.sources import load_raw
 
-    raw = load_raw(file, asset=asset, bar=bar)
-    _, report = check_and_clean(raw, policy=_policy(policy), bar=bar, extreme_sigma=extreme_sigma)  # type: ignore[arg-type]
+    cal = _calendar(calendar)
+    raw = load_raw(file, asset=asset, bar=bar, calendar=cal)  # type: ignore[arg-type]
+    _, report = check_and_clean(raw, policy=_policy(policy), bar=bar, extreme_sigma=extreme_sigma,  # type: ignore[arg-type]
+                                calendar=cal)  # type: ignore[arg-type]
     if out is not None:
         write_quality_json(report, out)
     render_summary(report, title=f"quality: {file}", out_dir=out)
