@@ -15,8 +15,8 @@ Conventions (also in docs/margin.md)
   short ``L = (N E + W + cum) / (N (1 + m + f))``.
   Inverse (coin, ``N = q c`` USD): long ``L = N (1 + m + f) / (W + cum + N / E)``,
   short ``L = N (1 - m - f) / (N / E - W - cum)``.
-* Bankruptcy price ``B`` (equity 0): linear long ``E - W / N``, short ``E + W / N``; inverse long
-  ``N / (W + N / E)``, short ``N / (N / E - W)``.
+* Bankruptcy price ``B`` (equity 0, or equity = fee to close when a close fee is given): linear long
+  ``E - W / N``, short ``E + W / N``; inverse long ``N / (W + N / E)``, short ``N / (N / E - W)``.
 * Where no finite positive price exists (e.g. a long with margin above its notional, or a coin-margined
   short with ``W >= N / E``), the long liquidation/bankruptcy price is 0 and the short one ``inf``.
 """
@@ -143,10 +143,16 @@ def bankruptcy_price_linear(
     entry: np.ndarray | float,
     margin: np.ndarray | float,
     contract_size: np.ndarray | float = 1.0,
+    close_fee_rate: np.ndarray | float = 0.0,
 ) -> np.ndarray:
-    """Bankruptcy price (equity = 0) of isolated linear positions: ``E - side * W / (q c)``; long floored at 0."""
-    side, qty, entry, margin, cs = _arr(side, qty, entry, margin, contract_size)
-    bp = entry - side * margin / (qty * cs)
+    """Bankruptcy price (equity = fee to close, 0 without fee) of isolated linear positions, USD.
+
+    ``E - side * W / (q c)`` without fee; with a close fee ``f``: long ``(N E - W) / (N (1 - f))``, short
+    ``(N E + W) / (N (1 + f))`` (the liquidation price at ``m = 0``). Long floored at 0.
+    """
+    side, qty, entry, margin, cs, f = _arr(side, qty, entry, margin, contract_size, close_fee_rate)
+    n = qty * cs
+    bp = (n * entry - side * margin) / (n * (1.0 - side * f))
     return np.where(side > 0, np.maximum(bp, 0.0), bp)
 
 
@@ -182,13 +188,18 @@ def bankruptcy_price_inverse(
     entry: np.ndarray | float,
     margin: np.ndarray | float,
     contract_size: np.ndarray | float = 1.0,
+    close_fee_rate: np.ndarray | float = 0.0,
 ) -> np.ndarray:
-    """Bankruptcy price of inverse positions: long ``N / (W + N/E)``, short ``N / (N/E - W)`` (``inf`` if <= 0)."""
-    side, qty, entry, margin, cs = _arr(side, qty, entry, margin, contract_size)
+    """Bankruptcy price of inverse positions, USD (``margin`` in coin).
+
+    Long ``N (1 + f) / (W + N/E)``, short ``N (1 - f) / (N/E - W)`` (``inf`` if the denominator is <= 0),
+    with ``f`` the fee to close at that price (0 by default).
+    """
+    side, qty, entry, margin, cs, f = _arr(side, qty, entry, margin, contract_size, close_fee_rate)
     n = qty * cs
     den = n / entry + side * margin
     with np.errstate(divide="ignore"):
-        bp = n / den
+        bp = n * (1.0 + side * f) / den
     return np.where(den > 0, bp, np.inf)
 
 

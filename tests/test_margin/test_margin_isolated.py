@@ -145,6 +145,14 @@ class TestInverse:
         np.testing.assert_allclose(lp, [q * 1.005 / (1.2 + 0.12), q * 0.995 / (1.2 - 0.12)], rtol=1e-12)
         np.testing.assert_allclose(lp, [45_681.818181818, 55_277.777777778], rtol=1e-9)
 
+    def test_bybit_inverse_bankruptcy_with_fee(self):
+        # Bybit help centre (inverse, cross): balance 0.5 BTC, long 10,000 contracts at 8,000 USD, taker fee
+        # 0.075 %: bankruptcy price = 1.00075 * 10000 / (10000/8000 + 0.5) = 5,718.57
+        bp = bankruptcy_price_inverse(1, 10_000.0, 8_000.0, 0.5, 1.0, close_fee_rate=0.00075)
+        assert bp == pytest.approx(5_718.57, abs=0.005)
+        assert bp == pytest.approx(1.00075 * 10_000 / 1.75, rel=1e-12)
+        assert bankruptcy_price_linear(1, 2.0, 100.0, 20.0, 1.0, 0.001) == pytest.approx(180 / (2 * 0.999), rel=1e-12)
+
     def test_short_at_1x_is_never_liquidated(self):
         # 100 contracts x 100 USD at 100 USD = 100 coin of notional, fully collateralised by W = 100 coin
         assert liquidation_price_inverse(-1, 100.0, 100.0, 100.0, 0.005, 0.0, 0.0, 100.0) == math.inf
