@@ -147,3 +147,20 @@ def test_file_store_refused(workdir):
 def test_missing_config_file(workdir):
     res = runner.invoke(app, ["train", "--config", "nope.yaml"])
     assert res.exit_code == 2 and "config file not found" in res.output
+
+
+@pytest.mark.slow
+def test_demo_config_end_to_end(tmp_path, monkeypatch):
+    """configs/train_demo.yaml on bundled BTC (ewma, garch, har, gru): about a minute on 2 cores."""
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    res = runner.invoke(app, ["train", "--config", str(root / "configs" / "train_demo.yaml")])
+    assert res.exit_code == 0, res.output
+    (run,) = list((tmp_path / "artifacts" / "train").iterdir())
+    ev = json.loads((run / "evaluation.json").read_text())
+    btc = ev["assets"]["bundled:bitstamp/BTC"]
+    assert set(btc["models"]) == {"ewma", "garch", "har", "gru"}
+    assert btc["cut"] == "2018-01-01" and btc["champion"] in btc["models"]
+    for m in btc["models"].values():
+        assert m["held_out"]["n"] > 1000

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -14,15 +15,18 @@ from volmargin.commands._common import console, user_errors
 models_app = typer.Typer(no_args_is_help=True, help="Registered volatility models.")
 
 
+def _table_console() -> Console:
+    """The CLI console on a terminal; a 140-column one when output is piped (rich defaults to 80)."""
+    return console if console.is_terminal else Console(width=140)
+
+
 def _fmt(x: object, digits: int = 4) -> str:
     if x is None:
         return "–"
     if isinstance(x, bool):
         return "yes" if x else "no"
     if isinstance(x, float):
-        if not math.isfinite(x):
-            return "–"
-        return f"{x:.{digits}g}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.{digits}f}"
+        return f"{x:.{digits}g}" if math.isfinite(x) else "–"
     return str(x)
 
 
@@ -52,23 +56,28 @@ def train(
 
         result = run_training(cfg, config_path=config, progress=progress)
     df = result.held_out_table()
-    table = Table(title=f"Held-out evaluation (origins from the cut on) — run {result.run_id}")
-    for col in ("asset", "model", "QLIKE pre-cut", "in MCS", "QLIKE held-out", "MSE held-out", "n", "VaR99 exc.", "zone", "champion"):
-        table.add_column(col, justify="left" if col in ("asset", "model", "zone") else "right")
+    table = Table(
+        title="Held-out evaluation (origins from the cut on)",
+        caption="QLIKE/MSE vs the proxy over all steps; MCS: in the pre-cut model confidence set; "
+        "VaR99: held-out 99% VaR exceptions and Basel zone; ★ champion",
+    )
+    labels = {ds: ev.get("asset_label", ds) for ds, ev in result.evaluation["assets"].items()}
+    for col in ("asset", "model", "QLIKE pre", "MCS", "QLIKE out", "MSE out", "n out", "VaR99", "zone", "★"):
+        table.add_column(col, justify="left" if col in ("asset", "model", "zone") else "right", no_wrap=True)
     for r in df.to_dict("records"):
         table.add_row(
-            str(r["asset"]).split(":")[-1],
+            str(labels.get(r["asset"], r["asset"])),
             str(r["model"]),
             _fmt(r["qlike_pre"]),
             _fmt(r["in_mcs_pre"]),
             _fmt(r["qlike_held_out"]),
-            _fmt(r["mse_held_out"], 3),
+            _fmt(r["mse_held_out"], 2),
             _fmt(r["n_held_out"]),
             _fmt(r["var99_breaches"]),
             _fmt(r["traffic_light"]),
             "★" if r["champion"] else "",
         )
-    console.print(table)
+    _table_console().print(table)
     for ds, ev in result.evaluation["assets"].items():
         d = ev.get("decision")
         if d:
@@ -103,7 +112,7 @@ def list_models(
     if not rows:
         console.print("no registered models yet; run `volmargin train --config configs/train_demo.yaml`")
         return
-    console.print(table)
+    _table_console().print(table)
 
 
 def _float(s: object) -> float | None:

@@ -1,0 +1,90 @@
+"""training.job: the training job end to end with an injected loader (synthetic frames, tmp MLflow)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_walk_forward import synthetic_frame
+
+from training.job import run_training
+from volmargin.config import TrainConfig
+
+
+def _cfg(tmp_path, name="job-test", **over):
+    data = {
+        "name": name,
+        "seed": 1,
+        "datasets": ["syn:A"],
+        "cut": "2016-10-01",
+        "horizon": 2,
+        "walk_forward": {"min_train": 120, "refit_every": 40},
+        "models": [{"name": "ewma"}, {"name": "ewma", "label": "ewma80", "params": {"lam": 0.8}}, {"name": "har"}],
+        "promotion": {"mcs_reps": 100},
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        "artifacts_dir": str(tmp_path / "artifacts"),
+    }
+    data.update(over)
+    return TrainConfig.model_validate(data)
+
+
+def _frame(perturb_after_cut: bool = False):
+    f = synthetic_frame(420, seed=5)
+    for c in ("har_1", "har_7", "har_30"):
+        f[c] = f["var_gk"].rolling(int(c.split("_")[1]), min_periods=1).mean()
+    if perturb_after_cut:
+        post = f.index >= "2016-10-01"
+        f.loc[post, "ret"] *= 3.0
+        f.loc[post, "var_gk"] *= 9.0
+    return f
+
+
+def test_held_out_data_never_changes_the_choice(tmp_path):
+    r1 = run_training(_cfg(tmp_path / "a"), loader=lambda ds: ("A", _frame()))
+    r2 = run_training(_cfg(tmp_path / "b"), loader=lambda ds: ("A", _frame(perturb_after_cut=True)))
+    a1, a2 = r1.evaluation["assets"]["syn:A"], r2.evaluation["assets"]["syn:A"]
+    for k in ("ewma", "ewma80", "har"):
+        assert a1["models"][k]["pre_cut"] == a2["models"][k]["pre_cut"]
+        assert a1["models"][k]["held_out"]["qlike"] != a2["models"][k]["held_out"]["qlike"]
+    assert a1["decision"]["champion_after"] == a2["decision"]["champion_after"]
+    assert a1["decision"]["reasons"] == a2["decision"]["reasons"]
+    # outputs on disk and in MLflow
+    ev = json.loads(r1.evaluation_path.read_text())
+    assert r1.evaluation_path.parent.name == r1.run_id == ev["parent_run_id"]
+    assert (r1.out_dir / "held_out.csv").is_file()
+    df = r1.held_out_table()
+    assert len(df) == 3 and df["champion"].sum() == 1
+
+
+def test_second_job_challenger_gate(tmp_path):
+    cfg = _cfg(tmp_path)
+    run_training(cfg, loader=lambda ds: ("A", _frame()))
+    r2 = run_training(cfg, loader=lambda ds: ("A", _frame()))
+    d = r2.evaluation["assets"]["syn:A"]["decision"]
+    # same data, same specs: the best candidate is the champion's own specification
+    assert d["champion_before"] == d["candidate"] and d["promoted"]
+    from training.registry import pinned_champion
+
+    pin = pinned_champion("syn:A", "2016-10-01", artifacts_dir=tmp_path / "artifacts")
+    assert pin.spec["key"] == d["champion_after"] and pin.model_version == "2"
+
+
+@pytest.mark.slow
+def test_workers_give_identical_results(tmp_path):
+    c1 = _cfg(tmp_path / "a", promotion={"register_models": False, "mcs_reps": 100})
+    c2 = _cfg(tmp_path / "b", promotion={"register_models": False, "mcs_reps": 100}, executor={"workers": 2})
+    loader = lambda ds: ("A", _frame())  # noqa: E731
+    e1 = run_training(c1, loader=loader).evaluation["assets"]["syn:A"]
+    e2 = run_training(c2, loader=loader).evaluation["assets"]["syn:A"]
+    for k in e1["models"]:
+        assert e1["models"][k]["pre_cut"]["qlike"] == e2["models"][k]["pre_cut"]["qlike"]
+    assert "decision" not in e1
+
+
+def test_bad_tracking_uri_fails_before_work(tmp_path):
+    with pytest.raises(ValueError, match="plain file store"):
+        run_training(_cfg(tmp_path, tracking_uri="mlruns"), loader=lambda ds: ("A", _frame()))
+    with pytest.raises(ValueError, match=r"models\.0 \(nope\)"):
+        run_training(_cfg(tmp_path, models=[{"name": "nope"}]), loader=lambda ds: ("A", _frame()))
+    assert np.isfinite(1.0)
