@@ -13,7 +13,7 @@ unrealised P&L, health factor ``(collateral + uPnL) / MM`` and a liquidation pri
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -21,7 +21,7 @@ import numpy as np
 from margin.accounts import Portfolio, pool_sum
 from margin.collateral import collateral_value
 from margin.cross import cross_requirements
-from margin.instruments import black76_price, unrealised_pnl
+from margin.instruments import InstrumentArrays, black76_price, unrealised_pnl
 from margin.isolated import isolated_requirements, liquidation_price_tiered
 from margin.params import MarginParams, ParamsFile
 from margin.portfolio import delta_notional, fhs_scenarios, grid_shocks, option_addons, risk_measure
@@ -51,13 +51,37 @@ class MarginResult:
     health: np.ndarray
     liquidation_price: np.ndarray
     liquidation_underlying: tuple[str | None, ...]
-    position_liquidation: list[dict[str, Any]] = field(default_factory=list)
+    position_lp: np.ndarray | None = None  # (A, I) isolated liquidation price per position (NaN: none)
+    position_margin: np.ndarray | None = None  # (A, I) isolated margin per position
+    positions: np.ndarray | None = None
+    instrument_ids: tuple[str, ...] = ()
+
+    @property
+    def position_liquidation(self) -> list[dict[str, Any]]:
+        """Isolated mode: one record per open position (account, instrument, size, margin, liquidation price)."""
+        if self.position_lp is None or self.positions is None:
+            return []
+        rows, cols = np.nonzero(self.positions)
+        return [
+            {
+                "pool": self.pool_ids[self.pool_index[r]],
+                "account": self.account_ids[r],
+                "instrument": self.instrument_ids[i],
+                "size": float(self.positions[r, i]),
+                "isolated_margin": float(self.position_margin[r, i]),
+                "liquidation_price": None if not np.isfinite(self.position_lp[r, i]) else float(self.position_lp[r, i]),
+            }
+            for r, i in zip(rows.tolist(), cols.tolist(), strict=True)
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         def f(x: float) -> float | None:
             return None if not np.isfinite(x) else float(x)
 
         accounts = []
+        by_pool: dict[str, list[dict[str, Any]]] = {}
+        for rec in self.position_liquidation:
+            by_pool.setdefault(rec["pool"], []).append(rec)
         for k, pid in enumerate(self.pool_ids):
             rows = np.flatnonzero(self.pool_index == k)
             accounts.append(
@@ -76,7 +100,7 @@ class MarginResult:
                          "maintenance_margin": float(self.mm_rows[r])}
                         for r in rows
                     ],
-                    "positions": [p for p in self.position_liquidation if p["pool"] == pid],
+                    "positions": by_pool.get(pid, []),
                 }
             )
         return {"mode": self.mode, "scenarios": self.scenarios, "accounts": accounts}
@@ -108,6 +132,11 @@ class _State:
         self.sigma = pf.implied_vol()
         self.now = pf.as_of
         self.scenarios = scenarios
+        insts = pf.instruments
+        self.sub_arrays = []
+        for u in range(len(self.arr.underlyings_unique)):
+            cols = np.flatnonzero(self.arr.underlying_index == u)
+            self.sub_arrays.append((cols, InstrumentArrays.from_instruments([insts[c] for c in cols])))
         if mode == "portfolio" and scenarios == "fhs":
             rm = params.risk_model
             cols = [rm.underlyings.index(u) for u in self.arr.underlyings_unique]
@@ -146,54 +175,36 @@ class _State:
             return im, base * frac.max() + add @ frac
         im_u = np.zeros((p.shape[0], n_u))
         for u, g in enumerate(grids):
-            cols = arr.underlying_index == u
+            cols, sub = self.sub_arrays[u]
             sh, vo = grid_shocks(g)
-            spot = np.zeros((n_u, sh.size))
-            spot[u] = sh
-            vol = np.zeros((n_u, sh.size))
-            vol[u] = vo
-            s = scenario_pnl(arr, mark, self.sigma, self.now, spot, vol)
+            s = scenario_pnl(sub, mark[..., cols], self.sigma[cols], self.now, sh, vo)
             if s.ndim == 2:
-                loss = -(p[:, cols] @ s[cols])
+                loss = -(p[:, cols] @ s)
             else:
-                loss = -np.einsum("ai,ain->an", p[:, cols], s[:, cols])
+                loss = -np.einsum("ai,ain->an", p[:, cols], s)
             im_u[:, u] = np.maximum(risk_measure(loss, g.measure, g.confidence), 0.0)
         im_u += add
         return im_u.sum(axis=1), im_u @ frac
 
 
-def _isolated_position_lp(st: _State, im_pos: np.ndarray) -> list[dict[str, Any]]:
+def _isolated_position_lp(st: _State, im_pos: np.ndarray) -> np.ndarray:
+    """``(A, I)`` isolated liquidation prices with ``W`` = each position's IM (NaN for options/flat/none)."""
     pf, arr = st.pf, st.arr
-    out: list[dict[str, Any]] = []
-    rows, cols = np.nonzero(pf.positions)
-    if rows.size == 0:
-        return out
-    lps = np.full(rows.size, np.nan)
-    for i in np.unique(cols):
-        sel = cols == i
-        if arr.is_option[i]:
+    out = np.full(pf.positions.shape, np.nan)
+    for i in range(len(arr.ids)):  # loop over instruments (columns), vectorised over accounts
+        q = pf.positions[:, i]
+        r = np.flatnonzero(q)
+        if arr.is_option[i] or r.size == 0:
             continue
-        r = rows[sel]
-        q = pf.positions[r, i]
         prm = st.prm_i[i]
         entry = pf.entry[r, i]
         w = im_pos[r, i] / entry if arr.is_inverse[i] else im_pos[r, i]
         fee = prm.taker_fee_rate if prm.close_fee_in_mm else 0.0
-        lps[sel] = liquidation_price_tiered(
-            np.sign(q), np.abs(q), entry, w, prm.tiers_at(st.now), inverse=bool(arr.is_inverse[i]),
+        lp = liquidation_price_tiered(
+            np.sign(q[r]), np.abs(q[r]), entry, w, prm.tiers_at(st.now), inverse=bool(arr.is_inverse[i]),
             close_fee_rate=fee, contract_size=arr.contract_size[i],
         )
-    for k, (r, i) in enumerate(zip(rows, cols, strict=True)):
-        out.append(
-            {
-                "pool": pf.pool_ids[pf.pool_index[r]],
-                "account": pf.account_ids[r],
-                "instrument": arr.ids[i],
-                "size": float(pf.positions[r, i]),
-                "isolated_margin": float(im_pos[r, i]),
-                "liquidation_price": None if not np.isfinite(lps[k]) or lps[k] <= 0 else float(lps[k]),
-            }
-        )
+        out[r, i] = np.where(np.isfinite(lp) & (lp > 0), lp, np.nan)
     return out
 
 
@@ -237,36 +248,49 @@ def _liquidation_search(st: _State) -> tuple[np.ndarray, tuple[str | None, ...]]
         _, mm = st.requirements(mark_rows, cmark_rows)
         return _equity(st, mark_rows, cmark_rows, cp) - pool_sum(mm, pf.pool_index, n_pools)
 
-    levels = np.concatenate([np.linspace(0.0, 0.3, 61), np.linspace(0.31, 0.99, 35)])
-    up_levels = np.concatenate([levels, np.linspace(1.2, 10.0, 23)])
-    lo = np.zeros(n_pools)
-    hi = np.full(n_pools, np.nan)
+    # coarse scan outwards in the losing direction, then a safeguarded regula falsi (Illinois) per pool
+    levels = np.array([0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 0.9, 0.99,
+                       1.5, 2.5, 5.0, 10.0])
+    active = direction != 0
     found = np.zeros(n_pools, dtype=bool)
-    prev = np.zeros(n_pools)
-    for k, lv in enumerate(up_levels):
-        x = np.where(direction < 0, -min(lv, 0.99), lv) * (direction != 0)
-        g = gap(x)
-        newly = (~found) & (g <= 0) & (direction != 0)
-        if k == 0:
-            hi = np.where(newly, 0.0, hi)
-            lo = np.where(newly, 0.0, lo)
-        else:
-            hi = np.where(newly, x, hi)
-            lo = np.where(newly, prev, lo)
-        found |= newly
-        prev = x
-        if found[direction != 0].all():
+    a = np.zeros(n_pools)  # healthy side (gap > 0)
+    b = np.zeros(n_pools)  # liquidated side (gap <= 0)
+    ga = np.zeros(n_pools)
+    gb = np.zeros(n_pools)
+    for lv in levels:
+        if lv > 0.99 and not np.any(active & ~found & (direction > 0)):
             break
-    live = found & (hi != lo)
-    a, b = lo.copy(), np.where(found, hi, 0.0)
-    for _ in range(60):
+        x = np.where(direction < 0, -min(lv, 0.99), lv) * active
+        g = gap(x)
+        newly = active & ~found & (g <= 0)
+        b = np.where(newly, x, b)
+        gb = np.where(newly, g, gb)
+        keep = active & ~found & ~newly
+        a = np.where(keep, x, a)
+        ga = np.where(keep, g, ga)
+        found |= newly
+        if found[active].all():
+            break
+    live = found & (b != a)
+    side_b = np.zeros(n_pools, dtype=int)  # which end moved last: +1 b, -1 a
+    for _ in range(100):
+        conv = np.abs(b - a) <= 1e-13 * (1.0 + np.abs(b))
+        live &= ~conv
         if not live.any():
             break
-        mid = 0.5 * (a + b)
-        g = gap(np.where(live, mid, 0.0))
-        neg = g <= 0
-        b = np.where(live & neg, mid, b)
-        a = np.where(live & ~neg, mid, a)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c = b - gb * (b - a) / (gb - ga)
+        bad = ~np.isfinite(c) | (c <= np.minimum(a, b)) | (c >= np.maximum(a, b))
+        c = np.where(bad, 0.5 * (a + b), c)
+        g = gap(np.where(live, c, 0.0))
+        neg = live & (g <= 0)
+        pos = live & (g > 0)
+        ga = np.where(neg & (side_b == 1), 0.5 * ga, ga)  # Illinois: halve the stale end
+        gb = np.where(pos & (side_b == -1), 0.5 * gb, gb)
+        b, gb = np.where(neg, c, b), np.where(neg, g, gb)
+        a, ga = np.where(pos, c, a), np.where(pos, g, ga)
+        side_b = np.where(neg, 1, np.where(pos, -1, side_b))
+        live &= g != 0
     x_star = np.where(found, b, np.nan)
     f_u = np.zeros(len(arr.underlyings_unique))
     f_u[arr.underlying_index] = st.mark
@@ -327,7 +351,7 @@ def compute_margin(
     equity = coll + upnl
     with np.errstate(divide="ignore", invalid="ignore"):
         health = np.where(mm > 0, equity / mm, np.inf)
-    pos_lp: list[dict[str, Any]] = []
+    pos_lp = im_pos = None
     if mode == "isolated":
         arr = pf.arrays
         im_pos, _ = isolated_requirements(
@@ -335,15 +359,21 @@ def compute_margin(
             arr.is_call, arr.strike, st.prm_i, st.now,
         )
         pos_lp = _isolated_position_lp(st, im_pos)
+        # per pool: the liquidation price of its largest position (by USD notional) that has one
+        notional = np.abs(pf.positions) * np.where(arr.is_inverse, arr.contract_size, arr.contract_size * st.mark)
+        notional = np.where(np.isfinite(pos_lp), notional, -1.0)
+        best_col = notional.argmax(axis=1)
+        rows = np.arange(pf.positions.shape[0])
+        row_best = notional[rows, best_col]
+        order = np.lexsort((row_best, pf.pool_index))  # by pool, then notional ascending
+        last = np.r_[pf.pool_index[order][1:] != pf.pool_index[order][:-1], True]
+        pick = order[last]  # best row per pool (pools without rows keep NaN)
         lp = np.full(pf.n_pools, np.nan)
-        names: list[str | None] = [None] * pf.n_pools
-        best = np.zeros(pf.n_pools)
-        for rec, (r, i) in zip(pos_lp, zip(*np.nonzero(pf.positions), strict=True), strict=True):
-            k = pf.pool_index[r]
-            size = abs(rec["size"]) * arr.contract_size[i] * (1.0 if arr.is_inverse[i] else st.mark[i])
-            if rec["liquidation_price"] is not None and size > best[k]:
-                best[k], lp[k], names[k] = size, rec["liquidation_price"], arr.underlyings[i]
-        lnames = tuple(names)
+        ok = row_best[pick] > 0
+        lp[pf.pool_index[pick[ok]]] = pos_lp[pick[ok], best_col[pick[ok]]]
+        names = np.full(pf.n_pools, None, dtype=object)
+        names[pf.pool_index[pick[ok]]] = np.array(arr.underlyings, dtype=object)[best_col[pick[ok]]]
+        lnames = tuple(names.tolist())
     elif liquidation_price:
         lp, lnames = _liquidation_search(st)
     else:
@@ -364,5 +394,8 @@ def compute_margin(
         health=health,
         liquidation_price=lp,
         liquidation_underlying=lnames,
-        position_liquidation=pos_lp,
+        position_lp=pos_lp,
+        position_margin=im_pos,
+        positions=pf.positions if mode == "isolated" else None,
+        instrument_ids=pf.arrays.ids,
     )
