@@ -37,6 +37,19 @@ def _utc(ts: Any) -> pd.Timestamp:
     return t.tz_localize("UTC") if t.tz is None else t.tz_convert("UTC")
 
 
+#: the frame.attrs keys forecasters may read (the rest is dropped on entry: pandas deep-copies
+#: attrs on every column access, which is measurable in rolling refits)
+MODEL_ATTRS = ("bar", "bars_per_year", "asset")
+
+
+def _light_attrs(frame: pd.DataFrame) -> pd.DataFrame:
+    if not frame.attrs or set(frame.attrs) <= set(MODEL_ATTRS):
+        return frame
+    out = pd.DataFrame(frame, copy=False)
+    out.attrs = {k: frame.attrs[k] for k in MODEL_ATTRS if k in frame.attrs}
+    return out
+
+
 class NotFittedError(RuntimeError):
     """Raised when a forecaster is used before ``fit``."""
 
@@ -329,7 +342,7 @@ class Forecaster:
     # -- public API
     def fit(self, frame: pd.DataFrame) -> Forecaster:
         """Fit on all bars of ``frame`` (rows with NaN ``ret`` at the start are skipped)."""
-        frame = self._validate_frame(frame)
+        frame = _light_attrs(self._validate_frame(frame))
         self._reset()
         self._fit(frame)
         self.n_obs_ = int(len(frame))
@@ -359,7 +372,7 @@ class Forecaster:
         ``fit(A).update(B)`` and ``fit(A).filter(A + B)`` give the same forecasts.
         """
         self._check_fitted()
-        frame = self._validate_frame(frame)
+        frame = _light_attrs(self._validate_frame(frame))
         self._filter(frame)
         self.n_obs_ = int(len(frame))
         self.last_time_ = frame.index[-1]

@@ -48,6 +48,39 @@ SCALE = 100.0
 DEFAULT_QUANTILE_LEVELS = (0.01, 0.025, 0.05, 0.95, 0.975, 0.99)
 
 
+def _feasible_start(am: Any, y: np.ndarray, sv: np.ndarray, margin: float = 1e-6) -> np.ndarray:
+    """Move warm-start values strictly inside arch's linear constraints and bounds.
+
+    The last optimum often sits on a boundary (e.g. ``alpha + beta`` at 1 up to solver tolerance);
+    arch silently discards starting values that violate ``A·θ − b ≥ 0`` or the bounds and runs its
+    own starting-value search, which would make the warm start a cold one.
+    """
+    sv = np.asarray(sv, dtype=np.float64).copy()
+    parts = (am.constraints(), am.volatility.constraints(), am.distribution.constraints())
+    sizes = (am.num_params, am.volatility.num_params, am.distribution.num_params)
+    rows = sum(c[0].shape[0] for c in parts)
+    A, b = np.zeros((rows, len(sv))), np.zeros(rows)
+    r = c0 = 0
+    for (ai, bi), k in zip(parts, sizes, strict=True):
+        A[r : r + ai.shape[0], c0 : c0 + k] = ai
+        b[r : r + ai.shape[0]] = bi
+        r, c0 = r + ai.shape[0], c0 + k
+    resid = y - (y.mean() if am.num_params else 0.0)
+    bounds = list(am.bounds()) + list(am.volatility.bounds(resid)) + list(am.distribution.bounds(resid / resid.std()))
+    lo = np.array([bd[0] for bd in bounds], dtype=np.float64)
+    hi = np.array([bd[1] for bd in bounds], dtype=np.float64)
+    for _ in range(20):
+        span = np.where(np.isfinite(hi - lo), hi - lo, 1.0)
+        sv = np.clip(sv, lo + margin * span, hi - margin * span)
+        slack = A @ sv - b
+        bad = slack < margin
+        if not bad.any():
+            break
+        for i in np.flatnonzero(bad):
+            sv += A[i] * (margin - slack[i]) * 10 / float(A[i] @ A[i])
+    return sv
+
+
 @register
 class ArchForecaster(Forecaster):
     """GARCH-family volatility model estimated by maximum likelihood with ``arch``.
@@ -134,6 +167,11 @@ class ArchForecaster(Forecaster):
         return arch_model(y, mean=self.mean, vol=self.vol, dist=self.dist, rescale=False, **kw)
 
     @staticmethod
+    def _nit(res: Any) -> int:
+        opt = getattr(res, "optimization_result", None)
+        return int(getattr(opt, "nit", 0) or 0)
+
+    @staticmethod
     def _ok(res: Any) -> bool:
         return bool(
             res.convergence_flag == 0
@@ -155,11 +193,22 @@ class ArchForecaster(Forecaster):
             and last is not None
             and getattr(self, "last_good_spec_", None) == self.spec_hash()
         )
-        res = am.fit(disp="off", show_warning=False, starting_values=last.to_numpy() if warm else None)
+        start = None
+        if warm:
+            start = _feasible_start(am, y, last.to_numpy())
+            # arch evaluates the volatility process's starting-value grid even when starting values
+            # are supplied (it only uses it to standardize residuals); with a warm start, hand it the
+            # warm volatility parameters instead of searching the grid
+            k0, kv = am.num_params, am.volatility.num_params
+            sv_vol = start[k0 : k0 + kv].copy()
+            am.volatility.starting_values = lambda resids, _sv=sv_vol: _sv.copy()
+        res = am.fit(disp="off", show_warning=False, starting_values=start)
         self.warm_started_ = warm
+        self.n_iter_ = self._nit(res)
         if not self._ok(res) and warm:
             logger.info("%s: warm-started fit did not converge; retrying from default starts", self.name)
             res = am.fit(disp="off", show_warning=False)
+            self.n_iter_ += self._nit(res)
         if self._ok(res):
             params = res.params.copy()
             self.converged_ = True
