@@ -20,8 +20,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+DEMO_SETS := bitstamp/BTC coinbase-pro/ETH coinbase-pro/LTC tsd/BTC-15m
+
 demo: $(STAMP)
-	$(BIN)/volmargin run --config configs/demo.yaml --out artifacts/demo
+	@for s in $(DEMO_SETS); do \
+	  $(BIN)/volmargin data prepare --source bundled:$$s --out artifacts/data/$$(basename $$s) || exit $$?; \
+	done
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -34,7 +38,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_data.py
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit $$?; done
 
 clean:
 	rm -rf $(VENV) artifacts mlruns.db
