@@ -51,6 +51,7 @@ class MarginResult:
     health: np.ndarray
     liquidation_price: np.ndarray
     liquidation_underlying: tuple[str | None, ...]
+    correlation: np.ndarray | None = None  # FHS mode: EWMA correlation across underlyings (real time)
     position_lp: np.ndarray | None = None  # (A, I) isolated liquidation price per position (NaN: none)
     position_margin: np.ndarray | None = None  # (A, I) isolated margin per position
     positions: np.ndarray | None = None
@@ -103,7 +104,10 @@ class MarginResult:
                     "positions": by_pool.get(pid, []),
                 }
             )
-        return {"mode": self.mode, "scenarios": self.scenarios, "accounts": accounts}
+        out: dict[str, Any] = {"mode": self.mode, "scenarios": self.scenarios, "accounts": accounts}
+        if self.correlation is not None:
+            out["ewma_correlation"] = self.correlation.tolist()
+        return out
 
 
 def params_for(portfolio: Portfolio, params: ParamsFile) -> list[MarginParams]:
@@ -132,6 +136,7 @@ class _State:
         self.sigma = pf.implied_vol()
         self.now = pf.as_of
         self.scenarios = scenarios
+        self.correlation: np.ndarray | None = None
         insts = pf.instruments
         self.sub_arrays = []
         for u in range(len(self.arr.underlyings_unique)):
@@ -141,8 +146,9 @@ class _State:
             rm = params.risk_model
             cols = [rm.underlyings.index(u) for u in self.arr.underlyings_unique]
             ret = np.asarray(rm.historical_returns, dtype=np.float64)
-            shocks, _ = fhs_scenarios(ret, rm.ewma_lambda, rm.horizon_bars, warmup=min(20, len(ret) // 4))
+            shocks, corr = fhs_scenarios(ret, rm.ewma_lambda, rm.horizon_bars, warmup=min(20, len(ret) // 4))
             self.fhs_spot = shocks[:, cols].T  # (U, n)
+            self.correlation = corr[np.ix_(cols, cols)]
 
     def requirements(self, mark: np.ndarray, cmark: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pf, arr = self.pf, self.arr
@@ -394,6 +400,7 @@ def compute_margin(
         health=health,
         liquidation_price=lp,
         liquidation_underlying=lnames,
+        correlation=st.correlation,
         position_lp=pos_lp,
         position_margin=im_pos,
         positions=pf.positions if mode == "isolated" else None,

@@ -102,8 +102,9 @@ def liquidate_accounts(
 ) -> dict[str, np.ndarray]:
     """One liquidation step for cross/portfolio accounts closing every position pro rata.
 
-    Returns ``fraction``, ``penalty``, ``slippage_cost``, ``bad_debt``, ``equity_after``, ``mm_after``
-    arrays (USD). Maintenance margin scales with the open size (exact for flat rates and for scenario
+    Returns ``fraction``, ``penalty``, ``slippage_cost``, ``bad_debt``, ``returned`` (equity handed back
+    after a full close), ``equity_after``, ``mm_after`` arrays (USD); per account
+    ``equity_after = equity - slippage_cost - penalty + bad_debt - returned``. Maintenance margin scales with the open size (exact for flat rates and for scenario
     margin with add-ons off; conservative with tiers).
     """
     e, m, n = (np.asarray(x, dtype=np.float64) for x in (equity, mm, notional))
@@ -115,7 +116,9 @@ def liquidate_accounts(
     pen = np.clip(e_s, 0.0, f * n * settings.penalty_rate)
     bad = np.where(f >= 1.0, np.maximum(-e_s, 0.0), 0.0)
     e_after = np.where(f >= 1.0, 0.0, e_s - pen)
+    returned = np.where(f >= 1.0, np.maximum(e_s - pen, 0.0), 0.0)
     return {
+        "returned": returned,
         "fraction": f,
         "penalty": pen,
         "slippage_cost": slip,

@@ -74,6 +74,24 @@ class TestExample:
             json.dumps(compute_margin(pf, prm, mode).to_dict(), allow_nan=False)
 
 
+def test_fhs_reports_ewma_correlation(example):
+    pf, prm = example
+    d = compute_margin(pf, prm, "portfolio", scenarios="fhs").to_dict()
+    c = np.array(d["ewma_correlation"])
+    assert c.shape == (2, 2) and np.allclose(np.diag(c), 1.0) and 0.3 < c[0, 1] < 1.0
+
+
+def test_pending_mm_binds_from_effective_time():
+    from dataclasses import replace
+    from datetime import timedelta
+
+    prm = MarginParams(market_id="BTC", im_rate=0.1, mm_rate=0.05, mm_rate_pending=0.08, mm_effective_from=NOW)
+    pf, p = _single(1.0, 90_000.0, 90_000.0, 20_000.0, prm)
+    after = compute_margin(pf, p, "cross", liquidation_price=False).mm[0]
+    before = compute_margin(replace(pf, as_of=NOW - timedelta(hours=1)), p, "cross", liquidation_price=False).mm[0]
+    assert before == pytest.approx(0.05 * 90_000) and after == pytest.approx(0.08 * 90_000)
+
+
 class TestLiquidationPrice:
     def test_cross_matches_closed_form(self):
         prm = MarginParams(market_id="BTC", im_rate=0.1, mm_rate=0.05)

@@ -162,3 +162,7 @@ def test_partial_liquidation_never_lowers_health_or_touches_healthy(e, m, cost_r
     f2 = partial_close_fraction(e, m, n * cost_rate, h, cap)
     np.testing.assert_array_equal(f, f2)
     assert math.isfinite(float(np.sum(r["bad_debt"])))
+    # accounting identity per account, to 1e-9 relative
+    lhs = r["equity_after"]
+    rhs = e - r["slippage_cost"] - r["penalty"] + r["bad_debt"] - r["returned"]
+    assert np.all(np.abs(lhs - rhs) <= 1e-9 * (1 + np.abs(e) + n))
