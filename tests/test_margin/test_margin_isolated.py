@@ -21,7 +21,7 @@ from margin.isolated import (
 )
 from margin.params import MarginParams, OptionMarginRule, RiskTier
 
-BINANCE_BTCUSDT = (
+BRACKETS = (
     RiskTier(50_000, 0.008, 0.004),
     RiskTier(500_000, 0.01, 0.005),
     RiskTier(8_000_000, 0.02, 0.01),
@@ -42,12 +42,13 @@ def _cases(n=300, seed=42):
 
 class TestTiers:
     def test_binance_maintenance_amounts(self):
-        # Binance: cum_n = floor_n * (mmr_n - mmr_{n-1}) + cum_{n-1}  -> 0, 50, 2,550, 122,550
-        tab = tier_table(BINANCE_BTCUSDT)
+        # Binance rule (COIN-M/USDS-M FAQ): cum_n = floor_n * (mmr_n - mmr_{n-1}) + cum_{n-1}; for these
+        # illustrative Binance-style brackets: 0, 50, 2,550, 122,550
+        tab = tier_table(BRACKETS)
         np.testing.assert_allclose(tab["cum_mm"], [0.0, 50.0, 2_550.0, 122_550.0])
 
     def test_continuous_and_monotone(self):
-        tab = tier_table(BINANCE_BTCUSDT)
+        tab = tier_table(BRACKETS)
         n = np.linspace(0, 2e7, 20001)
         im, mm = tiered_requirement(n, tab)
         assert np.all(np.diff(mm) >= -1e-9) and np.all(np.diff(im) >= -1e-9)
@@ -107,8 +108,8 @@ class TestLinear:
         qty = np.array([20.0, 20.0, 0.5])
         entry = np.full(3, 30_000.0)
         w = qty * entry / np.array([20.0, 20.0, 50.0])
-        lp = liquidation_price_tiered(side, qty, entry, w, BINANCE_BTCUSDT)
-        tab = tier_table(BINANCE_BTCUSDT)
+        lp = liquidation_price_tiered(side, qty, entry, w, BRACKETS)
+        tab = tier_table(BRACKETS)
         for i in range(3):
             def eq(p, i=i):
                 _, mm = tiered_requirement(np.array([qty[i] * p]), tab)
@@ -161,7 +162,7 @@ class TestInverse:
 
 class TestRequirements:
     def test_hand_computed(self):
-        p = MarginParams(market_id="BTC", tiers=BINANCE_BTCUSDT)
+        p = MarginParams(market_id="BTC", tiers=BRACKETS)
         pos = np.array([[2.0, -1.0]])  # 2 BTC linear long, 1,000 USD-contract inverse short (10 contracts x 100)
         entry = np.array([[30_000.0, 31_000.0]])
         pos[0, 1] = -10.0
