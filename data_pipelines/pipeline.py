@@ -214,6 +214,7 @@ def write_prepared(prepared: PreparedData, out_dir: str | Path) -> Path:
         raise ValueError(f"--out {out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; the published folder is an ordinary one
     try:
         _json_attrs(prepared.bars).to_parquet(tmp / "bars.parquet")
         _json_attrs(prepared.features).to_parquet(tmp / "features.parquet")

@@ -480,6 +480,7 @@ def write_quality_json(report: QualityReport | dict[str, Any], path: str | Path)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, indent=2, sort_keys=False, default=_json_default)
             fh.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

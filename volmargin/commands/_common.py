@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
@@ -30,7 +31,7 @@ def user_errors(func: F) -> F:
             raise
         except USER_ERRORS as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            err_console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(msg))}", highlight=False, markup=True)
             logging.getLogger("volmargin").debug("input error", exc_info=True)
             raise typer.Exit(code=2) from None
 
