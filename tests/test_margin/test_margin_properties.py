@@ -166,3 +166,38 @@ def test_partial_liquidation_never_lowers_health_or_touches_healthy(e, m, cost_r
     lhs = r["equity_after"]
     rhs = e - r["slippage_cost"] - r["penalty"] + r["bad_debt"] - r["returned"]
     assert np.all(np.abs(lhs - rhs) <= 1e-9 * (1 + np.abs(e) + n))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    low=st.floats(80.0, 100.0),
+    gap=st.floats(0.0, 10.0),
+    pen=st.floats(0.0, 0.02),
+    cap=st.floats(0.05, 1.0),
+    h=st.floats(1.001, 1.5),
+)
+def test_isolated_partial_liquidation_raises_health_and_spares_healthy(seed, low, gap, pen, cap, h):
+    from margin.liquidation import liquidate_isolated
+
+    rng = np.random.default_rng(seed)
+    n = 200
+    side = rng.choice([-1.0, 1.0], n)
+    qty = rng.uniform(0.1, 3.0, n)
+    entry = 100 * np.exp(rng.normal(0, 0.03, n))
+    mmr = rng.uniform(0.005, 0.08, n)
+    margin = qty * entry / rng.uniform(1.5, 0.9 / mmr)
+    o = low + gap
+    high = 2 * 100 - low + gap
+    s = LiquidationSettings(penalty_rate=pen, max_close_fraction=cap, target_health=h, slippage_base=0.0005,
+                            slippage_range_coef=0.01, slippage_volume_coef=0.0)
+    r = liquidate_isolated(side, qty, entry, margin, mmr, o, high, low, (o + low) / 2, s, 100.0)
+    untouched = ~r.triggered
+    assert np.all(r.qty_after[untouched] == qty[untouched]) and np.all(r.margin_after[untouched] == margin[untouched])
+    part = ~r.full
+    i = r.index[part]
+    fill = r.fill_price[part]
+    hf_before = (margin[i] + side[i] * qty[i] * (fill - entry[i])) / (mmr[i] * qty[i] * fill)
+    hf_after = (r.margin_after[i] + side[i] * r.qty_after[i] * (fill - entry[i])) / (mmr[i] * r.qty_after[i] * fill)
+    assert np.all(hf_after >= hf_before - 1e-12) and np.all(hf_after >= h * (1 - 1e-9))
+    assert np.all(r.fraction[part] <= cap * (1 + 1e-12))
