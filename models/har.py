@@ -59,8 +59,9 @@ class HAR(Forecaster):
     Parameters
     ----------
     column : str
-        Variance column to model: ``"var_gk"`` (Garman-Klass, default), another range estimator,
-        ``"rv"``, or ``"auto"`` (``rv`` when at least 90% of it is present, else ``var_gk``).
+        Variance column to model: ``"auto"`` (default: realized variance ``rv`` when at least 90% of
+        it is present, else Garman-Klass ``var_gk``), or a named column (``var_gk``, ``var_pk``,
+        ``rv`` ...).
     max_horizon : int
         Number of horizon steps with their own direct regression.
     log : bool
@@ -77,7 +78,7 @@ class HAR(Forecaster):
     def __init__(
         self,
         *,
-        column: str = "var_gk",
+        column: str = "auto",
         max_horizon: int = 10,
         log: bool = False,
         windows: tuple[int, ...] | None = None,
@@ -191,7 +192,7 @@ class LogHAR(HAR):
     def __init__(
         self,
         *,
-        column: str = "var_gk",
+        column: str = "auto",
         max_horizon: int = 10,
         log: bool = True,
         windows: tuple[int, ...] | None = None,

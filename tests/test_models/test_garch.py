@@ -100,6 +100,30 @@ class TestRollingRefits:
         assert not cold.warm_started_
         np.testing.assert_allclose(f.params_.to_numpy(), cold.params_.to_numpy(), rtol=2e-2)
 
+    def test_warm_start_needs_fewer_iterations(self, garch_frame):
+        warm = ArchForecaster().fit(garch_frame.iloc[:3000]).fit(garch_frame.iloc[:3001])
+        cold = ArchForecaster(warm_start=False).fit(garch_frame.iloc[:3001])
+        assert warm.n_iter_ < cold.n_iter_
+
+    def test_boundary_parameters_still_warm_start(self, garch_frame):
+        """An optimum on the stationarity boundary (alpha + beta = 1 up to solver round-off, as SLSQP
+        returns on BTC) is nudged inside instead of being discarded by arch."""
+        import warnings
+
+        from arch.utility.exceptions import StartingValueWarning
+
+        from models.garch import _feasible_start
+
+        f = ArchForecaster().fit(garch_frame.iloc[:3000])
+        f.last_good_params_ = pd.Series([0.01, 0.12, 0.88 + 1e-12, 4.0], index=f.params_.index)
+        am = f._model(100 * garch_frame["ret"].to_numpy()[:3001])
+        sv = _feasible_start(am, 100 * garch_frame["ret"].to_numpy()[:3001], f.last_good_params_.to_numpy())
+        assert sv[1] + sv[2] < 1.0 and abs(sv[1] + sv[2] - 1.0) < 1e-4
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", StartingValueWarning)
+            f.fit(garch_frame.iloc[:3001])
+        assert f.warm_started_ and f.converged_
+
     def test_changed_specification_starts_cold(self, garch_frame):
         f = ArchForecaster().fit(garch_frame.iloc[:2000])
         f.set_params(dist="skewt").fit(garch_frame.iloc[:2001])
