@@ -249,6 +249,7 @@ def liquidate_isolated(
     cost = n_full * (settings.penalty_rate + s)
     # at the trigger the position is at HF <= 1 (equality at L up to rounding): apply the rule there
     f = partial_close_fraction(np.minimum(eq, mm), mm, cost, settings.target_health, settings.max_close_fraction)
+    f = np.where(mm > 0, f, 1.0)  # zero maintenance rate: triggered at bankruptcy, close in full
     full = f >= 1.0
     cq = f * q
     realised = sd * cq * c * (fill - ep)

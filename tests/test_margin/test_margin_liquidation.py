@@ -90,6 +90,11 @@ class TestIsolatedBar:
         assert not r.triggered.any() and r.index.size == 0 and np.all(r.margin_after == 10.0)
         assert r.totals["penalty"] == 0.0
 
+    def test_zero_mm_rate_closes_at_bankruptcy(self):
+        r = liquidate_isolated(np.array([1.0]), np.array([1.0]), np.array([100.0]), np.array([10.0]), 0.0,
+                               95.0, 95.0, 85.0, 88.0, SET, 0.0)
+        assert r.full[0] and r.fill_price[0] == pytest.approx(90.0) and r.qty_after[0] == 0.0
+
     def test_slippage_grows_with_range_and_volume(self):
         s = LiquidationSettings(slippage_base=0.001, slippage_range_coef=0.2, slippage_volume_coef=0.5,
                                 penalty_rate=0.0, target_health=1.1)
