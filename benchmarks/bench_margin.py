@@ -7,7 +7,8 @@ Writes benchmarks/results/bench_margin.json with
   best-of-N wall time (the machine is shared: minima are the least noisy);
 * ``float32_max_rel_error`` against the float64 result (accounts with margin >= 1e-3 of the median) and
   ``float32_max_err_vs_gross`` (error / the account's gross scenario exposure ``max_k sum_i |p_i S_ik|``);
-* ``ratio_vs_loop``: a per-account loop calling NumPy per account (timed on a subsample, scaled);
+* ``ratio_vs_loop``: a per-account loop calling NumPy per account (float64, timed on a subsample, scaled);
+  ``ratio_vs_loop_float64_fast_path`` compares it with the float64 fast path;
 * ``ratio_to_read_floor``: fast-path time / one read pass over the positions array (``np.add.reduce``);
 * ``ratio_to_compute_floor``: fast-path time / (2·A·I·S flops at the float32 GEMM rate measured in this run
   on a 2048² square product).
@@ -150,6 +151,7 @@ def main() -> None:
         "loop_seconds_extrapolated": t_loop,
         "loop_sample": len(sub),
         "ratio_vs_loop": t_loop / t_fast,
+        "ratio_vs_loop_float64_fast_path": t_loop / t64,
         "read_floor_seconds": t_read,
         "ratio_to_read_floor": t_fast / t_read,
         "gemm_gflops_float32": gemm_rate / 1e9,
