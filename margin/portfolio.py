@@ -161,7 +161,8 @@ def max_loss_margin_chunked(
     Parameters
     ----------
     positions : np.ndarray
-        ``(A, I)`` C-contiguous contracts.
+        ``(A, I)`` contracts, row-major or column-major. Column-major (``np.asfortranarray``) is faster:
+        each chunk is then ``I`` contiguous runs and BLAS multiplies without a transposed read.
     s : np.ndarray
         ``(I, n)`` scenario P&L per contract.
     chunk : int

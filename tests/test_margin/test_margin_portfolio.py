@@ -93,6 +93,8 @@ class TestGrid:
         ref = scenario_margin(p, s)
         np.testing.assert_allclose(max_loss_margin_chunked(p, s, chunk=777), ref, rtol=1e-12, atol=1e-9)
         np.testing.assert_allclose(max_loss_margin_chunked(p, s, chunk=500, workers=2), ref, rtol=1e-12, atol=1e-9)
+        pf = np.asfortranarray(p)
+        np.testing.assert_allclose(max_loss_margin_chunked(pf, s, chunk=600, workers=2), ref, rtol=1e-12, atol=1e-9)
         got32 = max_loss_margin_chunked(p.astype(np.float32), s, chunk=1024)
         assert np.max(np.abs(got32 - ref) / np.maximum(ref, 1.0)) < 1e-4
 
