@@ -22,7 +22,14 @@ from margin.accounts import Portfolio, pool_sum
 from margin.collateral import collateral_value
 from margin.cross import cross_requirements
 from margin.instruments import InstrumentArrays, black76_price, unrealised_pnl
-from margin.isolated import isolated_requirements, liquidation_price_tiered
+from margin.isolated import (
+    isolated_requirements,
+    liquidation_price_inverse,
+    liquidation_price_linear,
+    liquidation_price_tiered,
+    tier_lookup,
+    tier_table,
+)
 from margin.params import MarginParams, ParamsFile
 from margin.portfolio import delta_notional, fhs_scenarios, grid_shocks, option_addons, risk_measure
 
@@ -206,10 +213,21 @@ def _isolated_position_lp(st: _State, im_pos: np.ndarray) -> np.ndarray:
         entry = pf.entry[r, i]
         w = im_pos[r, i] / entry if arr.is_inverse[i] else im_pos[r, i]
         fee = prm.taker_fee_rate if prm.close_fee_in_mm else 0.0
-        lp = liquidation_price_tiered(
-            np.sign(q[r]), np.abs(q[r]), entry, w, prm.tiers_at(st.now), inverse=bool(arr.is_inverse[i]),
-            close_fee_rate=fee, contract_size=arr.contract_size[i],
-        )
+        tiers = prm.tiers_at(st.now)
+        side, qa, cs = np.sign(q[r]), np.abs(q[r]), arr.contract_size[i]
+        if arr.is_inverse[i]:
+            # tiers on the USD notional N = q c (fixed): MM in coin = (m N - cum) / P = m_eff N / P
+            tab = tier_table(tiers)
+            n_usd = qa * cs
+            k = tier_lookup(n_usd, tab)
+            m_eff = tab["mm"][k] - tab["cum_mm"][k] / n_usd
+            lp = liquidation_price_inverse(side, qa, entry, w, m_eff, 0.0, fee, cs)
+        elif prm.mm_basis == "entry":
+            tab = tier_table(tiers)
+            k = tier_lookup(qa * cs * entry, tab)
+            lp = liquidation_price_linear(side, qa, entry, w, tab["mm"][k], tab["cum_mm"][k], fee, cs, mm_basis="entry")
+        else:
+            lp = liquidation_price_tiered(side, qa, entry, w, tiers, close_fee_rate=fee, contract_size=cs)
         out[r, i] = np.where(np.isfinite(lp) & (lp > 0), lp, np.nan)
     return out
 

@@ -130,6 +130,38 @@ class TestLiquidationPrice:
         assert alice["liquidation_price"] < 88_000
 
 
+@pytest.mark.parametrize("basis", ["mark", "entry"])
+def test_isolated_position_at_its_liquidation_price_has_equity_equal_mm(basis):
+    """Engine consistency: at each position's reported price, W + uPnL equals the engine's own MM."""
+    from margin.instruments import unrealised_pnl
+    from margin.isolated import isolated_requirements
+    from margin.params import RiskTier
+
+    tiers = (RiskTier(20_000, 0.02, 0.008), RiskTier(200_000, 0.05, 0.02), RiskTier(None, 0.1, 0.05))
+    prm = ParamsFile(markets=(MarginParams(market_id="BTC", tiers=tiers, mm_basis=basis, close_fee_in_mm=True),))
+    inst = [Instrument("L", "linear_perp", "BTC", contract_size=0.01), Instrument("I", "inverse_perp", "BTC", contract_size=100.0)]
+    rng = np.random.default_rng(3)
+    pos = rng.choice([-1, 1], (30, 2)) * rng.uniform(1, 500, (30, 2))
+    entry = 90_000 * np.exp(rng.normal(0, 0.02, (30, 2)))
+    md = MarketData({"BTC": 90_000.0}, {}, {}, {"USDC": 1.0})
+    pf = Portfolio.from_arrays(inst, pos, entry, md, NOW)
+    r = compute_margin(pf, prm, "isolated")
+    im_pos = r.position_margin
+    cs = np.array([0.01, 100.0])
+    inv = np.array([False, True])
+    for a in range(30):
+        for i in range(2):
+            lp = r.position_lp[a, i]
+            assert np.isfinite(lp) and lp > 0
+            m = np.array([lp, lp])
+            _, mm = isolated_requirements(pos[a:a + 1], entry[a:a + 1], m, m, cs, inv, np.zeros(2, bool),
+                                          np.zeros(2, bool), np.full(2, np.nan), [prm.markets[0]] * 2, NOW)
+            u = unrealised_pnl(pos[a, i], entry[a, i], lp, cs[i], inv[i])
+            # inverse: the isolated margin is coin (IM / entry), worth (IM / entry) * P in USD at price P
+            w_usd = im_pos[a, i] / entry[a, i] * lp if inv[i] else im_pos[a, i]
+            assert w_usd + u == pytest.approx(mm[0, i], rel=1e-9, abs=1e-9 * im_pos[a, i])
+
+
 def test_bad_mode(example):
     pf, prm = example
     with pytest.raises(ValueError, match="mode must be"):
