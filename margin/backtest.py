@@ -182,8 +182,8 @@ def ohlcv_arrays(bars: pd.DataFrame) -> dict[str, np.ndarray]:
     bad = ~(np.isfinite(out["close"]) & (out["close"] > 0) & np.isfinite(out["open"]) & (out["open"] > 0))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"bars must have finite positive open/close prices, got {out['open'][i]!r}/"
-                         f"{out['close'][i]!r} at {bars.index[i]}")
+        raise ValueError(f"bars must have finite positive open/close prices, got {float(out['open'][i])!r}/"
+                         f"{float(out['close'][i])!r} at {bars.index[i]}")
     return out
 
 
@@ -376,7 +376,7 @@ def run_backtest(
                 realised = sd * q * (ct - en)
                 eq = w + realised
                 fee = np.minimum(fee_rate * q * ct, np.maximum(eq, 0.0))
-                bad = np.maximum(-eq, 0.0)  # cannot happen when the close is inside the bar's range
+                bad = np.maximum(-eq, 0.0)  # after a partial close the price may run past bankruptcy
                 returned = np.maximum(eq - fee, 0.0)
                 ledger.realised_pnl += float(realised.sum())
                 ledger.fees += float(fee.sum())
@@ -605,6 +605,7 @@ def reference_backtest(
                 w = w + realised - slip - pen_due
                 q = q - cq
             if t == close_bar:
+                bad += max(-(w + sd * q * (ct - en)), 0.0)  # below bankruptcy at the close (after a partial)
                 break
             if left > 0:
                 eqc = w + sd * q * (ct - en)

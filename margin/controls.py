@@ -125,7 +125,7 @@ def apply_controls(raw_im: np.ndarray, controls: Controls) -> ControlledPath:
         raise ValueError("raw_im must have at least one bar, got an empty array")
     if not np.all(np.isfinite(raw)):
         i = int(np.flatnonzero(~np.isfinite(raw))[0])
-        raise ValueError(f"raw_im must be finite, got {raw[i]!r} at bar {i}")
+        raise ValueError(f"raw_im must be finite, got {float(raw[i])!r} at bar {i}")
     c = controls
     clipped = np.clip(raw, c.floor, c.ceiling)
     im = np.empty_like(clipped)

@@ -100,8 +100,12 @@ def frontier_from_results(family: str, results: Sequence[Any] | Mapping[float, A
     return Frontier(family=family, points=tuple(_point(s, r) for s, r in items))
 
 
-def interpolate(frontier: Frontier, avg_collateral: float, metric: str) -> Interpolated:
-    """The frontier's ``metric`` at ``avg_collateral`` (monotone lower envelope, linear in between)."""
+def interpolate(frontier: Frontier, avg_collateral: float, metric: str, *, extend_right: bool = False) -> Interpolated:
+    """The frontier's ``metric`` at ``avg_collateral`` (monotone lower envelope, linear in between).
+
+    ``extend_right``: above the largest collateral, return the envelope's last value (valid for the bound,
+    whose envelope is "the best achievable with at most this collateral"); otherwise ``None``.
+    """
     x, y = frontier.envelope(metric)
     c = float(avg_collateral)
     if x.size == 0:
@@ -109,12 +113,14 @@ def interpolate(frontier: Frontier, avg_collateral: float, metric: str) -> Inter
     if not math.isfinite(c):
         return Interpolated(None, f"avg_collateral is {c}")
     tol = 1e-12 * max(1.0, abs(x[-1]))
+    if extend_right and c > x[-1]:
+        return Interpolated(float(y[-1]), None)
     if c < x[0] - tol or c > x[-1] + tol:
         return Interpolated(None, f"avg_collateral {c:.6g} outside the {frontier.family} frontier's range "
                                   f"[{x[0]:.6g}, {x[-1]:.6g}]")
     c = min(max(c, x[0]), x[-1])
     # np.interp needs increasing x; equal x keep the envelope's (lowest) value
-    xu, first = np.unique(x, return_index=True)
+    xu = np.unique(x)
     last = np.searchsorted(x, xu, side="right") - 1
     return Interpolated(float(np.interp(c, xu, y[last])), None)
 
@@ -138,7 +144,8 @@ def compare(result: Any, static_frontier: Frontier, bound_results: Mapping[str, 
         The static family's frontier (scored in the same setting as ``result``).
     bound_results : mapping, optional
         ``{"liquidations": ..., "bad_debt": ...}``: the bound run for each objective, as a
-        :class:`Frontier` (read at the policy's collateral) or a single result (its own collateral).
+        :class:`Frontier` (read at the policy's collateral; above the bound's largest collateral its best
+        value holds) or a single result (compared at its own collateral).
 
     Returns
     -------
@@ -167,7 +174,7 @@ def compare(result: Any, static_frontier: Frontier, bound_results: Mapping[str, 
         elif ch is None:
             reasons[key] = why or "policy change undefined"
         elif isinstance(b, Frontier):
-            bref = interpolate(b, c, metric)
+            bref = interpolate(b, c, metric, extend_right=True)
             if bref.value is None:
                 reasons[key] = f"bound: {bref.reason}"
             else:

@@ -114,7 +114,7 @@ class MarginPath:
             bad = ~np.isfinite(a) | (a <= 0) | (a > 1)
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"MarginPath.{name} must be in (0, 1], got {a[i]!r} at {times[i]}")
+                raise ValueError(f"MarginPath.{name} must be in (0, 1], got {float(a[i])!r} at {times[i]}")
             a.setflags(write=False)
             object.__setattr__(self, name, a)
         if np.any(self.mm_rate > self.im_rate * (1 + 1e-12)) and self.mm_binds == "entry":
