@@ -341,18 +341,32 @@ class RegimeConfig(StrictModel):
 
 
 class PredictiveObjective(StrictModel):
-    """Objective of the predictive optimizer: ``bad_debt + alpha * liquidations + beta * collateral``.
+    """Objective of the predictive optimizer: ``bad_debt + alpha * liquidations + beta * collateral_locked``.
 
     Parameters
     ----------
-    alpha : float
-        Weight of one liquidation, in the units of bad debt (quote currency per liquidation).
-    beta : float
-        Weight of collateral locked (per unit of collateral-bar, quote currency).
+    alpha : float, optional
+        Cost of one liquidation in quote currency (default in ``margin.policies.fit_predictive``: 1% of
+        the population's median notional).
+    beta : float, optional
+        Cost of one unit of collateral locked for one bar (quote currency per quote-currency·bar).
+    capital_cost_annual : float, optional
+        Alternative to ``beta``: annual cost of capital as a fraction (default 0.10), converted per bar.
     """
 
-    alpha: float = Field(default=1.0, ge=0)
-    beta: float = Field(default=1.0, ge=0)
+    alpha: float | None = Field(default=None, ge=0)
+    beta: float | None = Field(default=None, ge=0)
+    capital_cost_annual: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_cost(self) -> PredictiveObjective:
+        if self.beta is not None and self.capital_cost_annual is not None:
+            raise ValueError("give either objective.beta or objective.capital_cost_annual, not both")
+        return self
+
+    def weights(self) -> dict[str, float]:
+        """The weights that are set (``fit_predictive`` fills in the rest)."""
+        return {k: float(v) for k, v in self.model_dump().items() if v is not None}
 
 
 class PoliciesConfig(StrictModel):
@@ -374,7 +388,8 @@ class PoliciesConfig(StrictModel):
     """
 
     static_levels: list[float] = Field(
-        default_factory=lambda: [0.04, 0.06, 0.08, 0.10, 0.125, 0.15, 0.20, 0.25, 0.33, 0.50], min_length=2
+        default_factory=lambda: [0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20, 0.25, 0.33, 0.50],
+        min_length=2,
     )
     ewma_ccp: dict[str, Any] = Field(default_factory=dict)
     garch_fhs: dict[str, Any] = Field(default_factory=dict)

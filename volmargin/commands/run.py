@@ -1,0 +1,83 @@
+"""``volmargin run --config FILE --out DIR`` and ``volmargin backtest --config FILE --out DIR``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from volmargin.commands._common import console, user_errors
+
+
+def _pct(x: object) -> str:
+    return "–" if x is None else f"{100 * float(x):+.1f}%"  # type: ignore[arg-type]
+
+
+def _execute(config: Path, out: Path, mode: str) -> None:
+    from volmargin.config import load_config
+    from volmargin.run import run_job
+
+    cfg = load_config(config, "run")
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        result = run_job(cfg, out, mode=mode, config_path=config, progress=progress)
+    s = result.summary
+    table = Table(title="Held-out headline: change against the static frontier at equal collateral (negative is fewer)")
+    for col in ("asset", "policy", "liquidations", "bad debt", "avg collateral", "liq. change", "bad-debt change",
+                "share of bound (liq.)", "share of bound (bad debt)", "5d IM increase", "zone"):
+        table.add_column(col, justify="left" if col in ("asset", "policy", "zone") else "right", no_wrap=True)
+    for asset, a in s["assets"].items():
+        for pol in ("ewma_ccp", "garch_fhs", "predictive", "oracle_vol", "bound"):
+            c = a["comparison"].get(f"{pol}_vs_best_static", {})
+            p = a["policies"].get(pol) or a["policies"].get("bound_liquidations" if pol == "bound" else pol, {})
+            share_l, share_b = c.get("share_of_bound_liquidations"), c.get("share_of_bound_bad_debt")
+            table.add_row(
+                asset, pol, str(p.get("liquidations", "–")), f"{p.get('bad_debt', float('nan')):,.0f}",
+                f"{100 * p.get('avg_collateral', float('nan')):.2f}%", _pct(c.get("liquidations_change")),
+                _pct(c.get("bad_debt_change")), "–" if share_l is None else f"{share_l:.2f}",
+                "–" if share_b is None else f"{share_b:.2f}", f"{100 * p.get('max_im_increase_5d', float('nan')):.0f}%",
+                str(p.get("traffic_light") or "–"),
+            )
+    console.print(table)
+    for key, v in s["comparison"].items():
+        console.print(
+            f"[bold]{key}[/] (pooled over {v['n_assets']} assets): liquidations {_pct(v['liquidations_change'])}, "
+            f"bad debt {_pct(v['bad_debt_change'])}"
+        )
+    console.print(f"report: {result.report_path}")
+    console.print(f"summary: {result.summary_path}")
+    console.print(f"MLflow: {result.tracking_uri} (run {result.run_id}); {result.seconds:.0f}s")
+
+
+@user_errors
+def run(
+    config: Path = typer.Option(..., "--config", "-c", help="Run config (YAML), e.g. configs/demo.yaml."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (summary.json, report.html, details.json)."),
+) -> None:
+    """End to end: bundled data → forecasts → optimization → held-out backtests → report and summary."""
+    _execute(config, out, "run")
+
+
+@user_errors
+def backtest(
+    config: Path = typer.Option(..., "--config", "-c", help="Run config (YAML)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (summary.json, report.html, details.json)."),
+) -> None:
+    """The backtest alone, from saved forecast tables (forecasts_dir) or the pinned champions' tables."""
+    _execute(config, out, "backtest")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``run`` and ``backtest`` to the main app."""
+    app.command("run")(run)
+    app.command("backtest")(backtest)
