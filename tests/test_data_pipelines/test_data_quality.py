@@ -337,3 +337,47 @@ def test_every_row_accounted_for(rows, policy) -> None:
     assert np.isfinite(v).all() and (v[:, :4] > 0).all() and (v[:, 4] >= 0).all()
     assert (v[:, 1] >= v[:, [0, 2, 3]].max(axis=1)).all() and (v[:, 2] <= v[:, [0, 1, 3]].min(axis=1)).all()
     assert rep.gaps["missing_bars"] >= rep.gaps["count"] and (rep.gaps["count"] == 0) == (rep.gaps["longest_bars"] == 0)
+
+
+class TestWickOutliers:
+    """A single print far past the body (flash-crash tick) is clipped under repair, dropped under drop."""
+
+    @staticmethod
+    def rows_with_spike(low: float) -> list[tuple]:
+        rows = hourly(60)
+        t, o, h, _lo, c, v = rows[45]
+        rows[45] = (t, o, h, low, c, v)
+        return rows
+
+    def test_repair_clips_to_trailing_median(self) -> None:
+        clean, rep = check_and_clean(raw_frame(self.rows_with_spike(1.0)))
+        assert rep.wick_outliers == 1 and rep.rows_out == 60
+        med = np.log(100.0 / 99.0)  # every earlier bar: body 100..100.5, low 99 -> wick ln(100/99)
+        expected_low = 100.0 * np.exp(-5.0 * med)
+        assert clean["low"].iloc[45] == pytest.approx(expected_low, rel=1e-12)
+        detail = rep.details["wick_outliers"][0]
+        assert detail["low"] == 1.0 and detail["trailing_median_wick"] == pytest.approx(med, rel=1e-12)
+        assert action(rep, "wick_outliers")["changes_data"]
+
+    def test_large_but_ordinary_wick_kept(self) -> None:
+        # a 0.3 log wick is 30x the trailing median (0.01) but below wick_min (0.5): a real crash, kept
+        clean, rep = check_and_clean(raw_frame(self.rows_with_spike(100.0 * np.exp(-0.3))))
+        assert rep.wick_outliers == 0 and clean["low"].iloc[45] == pytest.approx(100.0 * np.exp(-0.3))
+
+    def test_drop_and_fail(self) -> None:
+        _, rep = check_and_clean(raw_frame(self.rows_with_spike(1.0)), policy="drop")
+        assert rep.wick_outliers == 1 and rep.rows_out == 59
+        with pytest.raises(DataQualityError, match="wick_outliers"):
+            check_and_clean(raw_frame(self.rows_with_spike(1.0)), policy="fail")
+
+    def test_uses_only_past_bars(self) -> None:
+        # a spike at the very start (no trailing scale yet) is not judged
+        rows = hourly(40)
+        t, o, h, _lo, c, v = rows[0]
+        rows[0] = (t, o, h, 1.0, c, v)
+        _, rep = check_and_clean(raw_frame(rows))
+        assert rep.wick_outliers == 0
+
+    def test_bad_threshold(self) -> None:
+        with pytest.raises(ValueError, match="wick_factor must be a positive number"):
+            check_and_clean(raw_frame(hourly(5)), wick_factor=-1.0)

@@ -30,13 +30,15 @@ _SHORT = {
     "off_grid_bars": "dropped, not snapped",
     "duplicate_timestamps": "kept last written",
     "ohlc_inconsistent": "high/low widened",
+    "wick_outliers": "wick clipped",
     "gaps": "kept, flagged, not filled",
     "extreme_returns": "flagged, kept",
     "zero_volume_bars": "flagged, kept",
 }
-_SHORT_DROP = {"duplicate_timestamps": "conflicts dropped", "ohlc_inconsistent": "rows dropped"}
+_SHORT_DROP = {"duplicate_timestamps": "conflicts dropped", "ohlc_inconsistent": "rows dropped",
+               "wick_outliers": "rows dropped"}
 _CHANGES = {"non_finite_values", "non_positive_prices", "negative_volume", "unsorted", "off_grid_bars",
-            "duplicate_timestamps", "ohlc_inconsistent"}
+            "duplicate_timestamps", "ohlc_inconsistent", "wick_outliers"}
 
 
 def _policy(value: str) -> str:
