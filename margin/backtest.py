@@ -109,24 +109,28 @@ class BacktestConfig:
 class BacktestResult:
     """Outcome of one policy's backtest (amounts USD, rates as fractions).
 
-    Scalars: ``liquidations`` (liquidation events, partial or full), ``liquidated_notional``, ``bad_debt``
+    Scalars: ``liquidations`` (positions liquidated at least once, partially or fully: traders hit),
+    ``liquidation_events`` (every partial or full liquidation step), ``liquidated_notional``, ``bad_debt``
     (loss past bankruptcy before the fund, per the engine), ``fund_draw``, ``uncovered_bad_debt``,
     ``avg_im`` (time-average IM for new positions), ``avg_collateral`` (collateral locked / exposure, see the
     module docstring), ``avg_collateral_open``, ``collateral_locked`` (USD·bars), ``exposure`` (USD·bars),
     ``max_im_increase_1d/5d/10d`` (largest rise of IM over the period: ``IM_t / min(IM over the preceding
     period) - 1``), ``peak_to_trough`` (max IM / min IM), ``ledger_residual`` (largest relative residual of
     the accounting identity over the bars), ``n_positions``.
-    ``series``: per-bar DataFrame (``im``, ``mm``, ``liquidations``, ``liquidated_notional``, ``bad_debt``,
+    ``series``: per-bar DataFrame (``im``, ``mm``, ``liquidations`` (positions first hit in the bar),
+    ``liquidation_events``, ``liquidated_notional``, ``bad_debt``,
     ``fund_draw``, ``fund``, ``open_notional``, ``collateral``, ``n_open``, ``topups``).
     ``breaches``: per bar ``t``: close-to-close loss of a 1-unit long/short from ``t-1`` to ``t`` against the
     IM/MM published at ``t-1`` (``loss_long``, ``loss_short``, ``im``, ``mm``, ``breach_long``, ``breach_short``,
     ``breach_im`` = either side, ``breach_mm``).
-    ``per_position``: optional per-position arrays (``liquidations``, ``bad_debt``, ``collateral``,
+    ``per_position``: optional per-position arrays (``liquidations`` (0/1: hit at least once),
+    ``liquidation_events``, ``bad_debt``, ``collateral``,
     ``exposure``, ``topups``, ``open_bar``) in population order, for the bound and the reference tests.
     """
 
     policy: str
     liquidations: int
+    liquidation_events: int
     liquidated_notional: float
     bad_debt: float
     fund_draw: float
@@ -160,7 +164,7 @@ class BacktestResult:
 
     def metrics(self) -> dict[str, float]:
         """Scalar metrics (JSON/MLflow friendly)."""
-        keys = ("liquidations", "liquidated_notional", "bad_debt", "fund_draw", "uncovered_bad_debt", "avg_im",
+        keys = ("liquidations", "liquidation_events", "liquidated_notional", "bad_debt", "fund_draw", "uncovered_bad_debt", "avg_im",
                 "avg_collateral", "avg_collateral_open", "collateral_locked", "exposure", "max_im_increase_1d",
                 "max_im_increase_5d", "max_im_increase_10d", "peak_to_trough", "ledger_residual", "n_positions",
                 "topups", "topup_amount", "penalties", "fees", "funding", "fund_end")
@@ -312,6 +316,8 @@ def run_backtest(
     fund = cfg.fund0
     m = i1 - i0 + 1
     s_liq = np.zeros(m)
+    s_ev = np.zeros(m)
+    hit = np.zeros(len(population), dtype=bool)  # liquidated at least once
     s_liqn = np.zeros(m)
     s_bad = np.zeros(m)
     s_draw = np.zeros(m)
@@ -361,14 +367,17 @@ def run_backtest(
             if k:
                 ledger.record_liquidation(res)
                 fund = res.fund_after
-                s_liq[j] = k
+                pid_k = b_pid[res.index]
+                new = ~hit[pid_k]
+                hit[pid_k] = True
+                s_liq[j] = int(new.sum())
+                s_ev[j] = k
                 s_liqn[j] = res.totals["liquidated_notional"]
                 s_bad[j] = res.totals["bad_debt"]
                 s_draw[j] = res.totals["fund_draw"]
                 if per_position:
-                    pid = b_pid[res.index]
-                    pp_liq[pid] += 1.0
-                    pp_bad[pid] += res.bad_debt
+                    pp_liq[pid_k] += 1.0
+                    pp_bad[pid_k] += res.bad_debt
             # 4. scheduled closes (and the end of the window)
             closing = (b_close <= t) & (b_qty > 0)
             if closing.any():
@@ -458,7 +467,8 @@ def run_backtest(
     wtimes = times[i0:i1 + 1]
     im_w = im_rate[i0:i1 + 1]
     series = pd.DataFrame(
-        {"im": im_w, "mm": mm_rate[i0:i1 + 1], "liquidations": s_liq, "liquidated_notional": s_liqn,
+        {"im": im_w, "mm": mm_rate[i0:i1 + 1], "liquidations": s_liq, "liquidation_events": s_ev,
+         "liquidated_notional": s_liqn,
          "bad_debt": s_bad, "fund_draw": s_draw, "fund": s_fund, "open_notional": s_open, "collateral": s_coll,
          "n_open": s_nopen, "topups": s_top},
         index=wtimes,
@@ -481,13 +491,14 @@ def run_backtest(
         close_bar = np.minimum(population.open_bar[idx] + hold_all[idx], i1)
         pp = {
             "open_bar": population.open_bar[idx].copy(),
-            "liquidations": pp_liq[idx], "bad_debt": pp_bad[idx], "collateral": pp_coll[idx],
+            "liquidations": hit[idx].astype(np.float64), "liquidation_events": pp_liq[idx], "bad_debt": pp_bad[idx], "collateral": pp_coll[idx],
             "exposure": population.notional[idx] * (close_bar - population.open_bar[idx]),
             "topups": pp_top[idx],
         }
     return BacktestResult(
         policy=path.policy,
         liquidations=int(s_liq.sum()),
+        liquidation_events=int(s_ev.sum()),
         liquidated_notional=float(s_liqn.sum()),
         bad_debt=float(ledger.bad_debt),
         fund_draw=float(ledger.fund_draw),
@@ -531,7 +542,7 @@ def reference_backtest(
     left out (it does not change per-position outcomes), so it matches :func:`run_backtest` only when
     positions are independent: volume slippage off (``cfg.frozen`` or no volume column).
 
-    Returns per-position arrays ``liquidations``, ``bad_debt``, ``collateral``, ``topups`` and ``open_bar``
+    Returns per-position arrays ``liquidations`` (0/1), ``liquidation_events``, ``bad_debt``, ``collateral``, ``topups`` and ``open_bar``
     for the positions opening in the window, in population order.
     """
     cfg = cfg or BacktestConfig()
@@ -552,7 +563,7 @@ def reference_backtest(
     ob = population.open_bar
     lo_ptr = int(ob.searchsorted(i0, side="left"))
     hi_ptr = int(ob.searchsorted(i1, side="left"))
-    out = {k: [] for k in ("liquidations", "bad_debt", "collateral", "topups", "open_bar")}
+    out = {k: [] for k in ("liquidations", "liquidation_events", "bad_debt", "collateral", "topups", "open_bar")}
     for p in range(lo_ptr, hi_ptr):
         t0 = int(ob[p])
         sd = float(population.side[p])
@@ -616,7 +627,8 @@ def reference_backtest(
                     w += max(pc.topup_level * w0, need) - eqc
                     left -= 1
                     tops += 1
-        out["liquidations"].append(liq)
+        out["liquidations"].append(1 if liq else 0)
+        out["liquidation_events"].append(liq)
         out["bad_debt"].append(bad)
         out["collateral"].append(coll)
         out["topups"].append(tops)

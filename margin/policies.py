@@ -417,12 +417,12 @@ class OracleVolPolicy:
     def path(self, ctx: PolicyContext) -> MarginPath:
         r = ctx.returns()
         n = r.size
-        r2 = np.concatenate((r[1:] ** 2, np.zeros(self.horizon)))
-        cnt = np.concatenate((np.ones(n - 1), np.zeros(self.horizon)))
-        cs, cc = np.concatenate(([0.0], np.cumsum(r2))), np.concatenate(([0.0], np.cumsum(cnt)))
-        s = cs[self.horizon:self.horizon + n] - cs[:n]
-        c = cc[self.horizon:self.horizon + n] - cc[:n]
-        rv = np.sqrt(np.where(c > 0, s / np.maximum(c, 1), np.nan))
+        from numpy.lib.stride_tricks import sliding_window_view
+
+        fut = np.concatenate((r[1:] ** 2, np.full(self.horizon, np.nan)))  # fut[t] = r_{t+1}^2
+        win = sliding_window_view(fut, self.horizon)[:n]
+        cnt = np.isfinite(win).sum(axis=1)
+        rv = np.sqrt(np.where(cnt > 0, np.nansum(win, axis=1) / np.maximum(cnt, 1), np.nan))
         rv = pd.Series(rv).ffill().bfill().fillna(0.0).to_numpy()
         im = np.clip(np.expm1(self.scale * rv * math.sqrt(self.horizon)), self.floor, 1.0)
         frac = ctx.controls.mm_fraction

@@ -81,19 +81,21 @@ class TestHandWorked:
         bad_c = -(95 + 10 * (80 - 95))
         assert bad_a == pytest.approx(91.888544891, rel=1e-9)
         assert bad_c == 55.0
-        assert res.liquidations == 3
+        assert res.liquidations == 2 and res.liquidation_events == 3  # A (twice) and C
         assert res.bad_debt == pytest.approx(bad_a + bad_c, rel=1e-9)
         assert res.penalties == pytest.approx(pen_a, rel=1e-9)
         assert res.fund_draw == pytest.approx(10 + pen_a, rel=1e-9)
         assert res.uncovered_bad_debt == pytest.approx(bad_a + bad_c - 10 - pen_a, rel=1e-9)
         assert res.fund_end == pytest.approx(0.0, abs=1e-12)
         assert res.liquidated_notional == pytest.approx(f * 10 * L + q_a * 80 + 10 * 80, rel=1e-9)
-        np.testing.assert_array_equal(res.series["liquidations"].to_numpy(), [0, 1, 2, 0])
+        np.testing.assert_array_equal(res.series["liquidation_events"].to_numpy(), [0, 1, 2, 0])
+        np.testing.assert_array_equal(res.series["liquidations"].to_numpy(), [0, 1, 1, 0])
         # collateral: bar 1 A 100 + B 400; bar 2 A w_a + B 400 + C 95
         assert res.collateral_locked == pytest.approx(500 + w_a + 400 + 95, rel=1e-12)
         assert res.exposure == pytest.approx(1000 * 3 + 2000 * 2 + 950 * 2)
         assert res.avg_collateral == pytest.approx(res.collateral_locked / res.exposure)
-        np.testing.assert_allclose(res.per_position["liquidations"], [2, 0, 1])
+        np.testing.assert_allclose(res.per_position["liquidation_events"], [2, 0, 1])
+        np.testing.assert_allclose(res.per_position["liquidations"], [1, 0, 1])
         np.testing.assert_allclose(res.per_position["bad_debt"], [bad_a, 0, bad_c], rtol=1e-9)
         assert res.ledger_residual < 1e-12
         assert res.n_positions == 3
@@ -110,7 +112,7 @@ class TestHandWorked:
         path = static_path(self.bars, 0.10, 0.05)
         ref = reference_backtest(self.bars, path, self.pop, self.cfg)
         res = run_backtest(self.bars, path, self.pop, self.cfg, per_position=True)
-        for k in ("liquidations", "bad_debt", "collateral"):
+        for k in ("liquidations", "liquidation_events", "bad_debt", "collateral"):
             np.testing.assert_allclose(res.per_position[k], ref[k], rtol=1e-12)
 
 
@@ -183,6 +185,7 @@ class TestIdentityAndReference:
         assert ref["liquidations"].sum() > 50 and ref["topups"].sum() > 10
         np.testing.assert_array_equal(res.per_position["open_bar"], ref["open_bar"])
         np.testing.assert_array_equal(res.per_position["liquidations"], ref["liquidations"])
+        np.testing.assert_array_equal(res.per_position["liquidation_events"], ref["liquidation_events"])
         np.testing.assert_array_equal(res.per_position["topups"], ref["topups"])
         np.testing.assert_allclose(res.per_position["bad_debt"], ref["bad_debt"], rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(res.per_position["collateral"], ref["collateral"], rtol=1e-9)
