@@ -542,7 +542,7 @@ def evaluate_asset(
     btf = bt.frozen_copy()
     levels = list(cfg.policies.static_levels)
     pol = cfg.policies
-    steps = len(levels) + 10
+    steps = len(levels) + 12  # fit, one per path, two bounds, four frontier sweeps, sensitivity
     done = 0
 
     def tick() -> None:

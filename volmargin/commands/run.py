@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -48,7 +49,7 @@ def _execute(config: Path, out: Path, mode: str) -> None:
                 "–" if share_b is None else f"{share_b:.2f}", f"{100 * p.get('max_im_increase_5d', float('nan')):.0f}%",
                 str(p.get("traffic_light") or "–"),
             )
-    console.print(table)
+    (console if console.is_terminal else Console(width=160)).print(table)
     for key, v in s["comparison"].items():
         console.print(
             f"[bold]{key}[/] (pooled over {v['n_assets']} assets): liquidations {_pct(v['liquidations_change'])}, "

@@ -1,0 +1,248 @@
+"""volmargin run / backtest end to end on a tiny synthetic config (tmp MLflow, tmp artifacts)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from data_pipelines.synthetic import simulate
+from volmargin.cli import app
+from volmargin.config import RunConfig, load_config
+from volmargin.run import _pooled, config_hash, scaled_path, static_name
+
+runner = CliRunner()
+
+POLICY_KEYS = {"liquidations", "bad_debt", "avg_collateral", "traffic_light", "max_im_increase_5d"}
+COMPARISON_KEYS = {"liquidations_change", "bad_debt_change", "share_of_bound_liquidations", "share_of_bound_bad_debt"}
+POOLED_KEYS = {"liquidations_change", "bad_debt_change", "n_assets"}
+
+
+def tiny_config(root: Path, dataset: str, **over: object) -> dict:
+    cfg = {
+        "name": "tiny-run",
+        "seed": 11,
+        "datasets": [dataset],
+        "cuts": {dataset: "2020-01-01"},
+        "training": {
+            "horizon": 2,
+            "walk_forward": {"min_train": 200, "refit_every": 100},
+            "models": [{"name": "ewma"}, {"name": "ewma", "label": "ewma80", "params": {"lam": 0.8}}],
+            "promotion": {"mcs_reps": 50},
+        },
+        "policies": {
+            "static_levels": [0.03, 0.05, 0.10, 0.20, 0.50],
+            "predictive": {"rounds": 1, "grid": {"level": [0.05, 0.1, 0.2], "power": [0.0, 1.0], "stress": [0.0],
+                                                 "omega": [0.5], "floor": [0.02]}},
+            "frontier_scales": [0.8, 1.0],
+        },
+        "population": {"n_positions": 400},
+        "sensitivity": {"vary": {"population.topup_prob": [0.0]}},
+        "tracking_uri": f"sqlite:///{root / 'mlruns.db'}",
+        "artifacts_dir": str(root / "artifacts"),
+    }
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("run")
+    csv = root / "SYN.csv"
+    simulate(700, seed=3, start="2019-01-01").bars.to_csv(csv)
+    dataset = f"csv:{csv}"
+    cfg_path = root / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(root, dataset)))
+    outs = []
+    for i in range(2):
+        out = root / f"out{i}"
+        res = runner.invoke(app, ["run", "--config", str(cfg_path), "--out", str(out)])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        outs.append(out)
+    return {"root": root, "dataset": dataset, "config": cfg_path, "outs": outs, "output": res.output}
+
+
+def _is_num_or_null(x: object) -> bool:
+    return x is None or (isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x))
+
+
+class TestSummary:
+    def test_keys_and_types(self, tiny: dict) -> None:
+        s = json.loads((tiny["outs"][0] / "summary.json").read_text())
+        assert set(s) == {"assets", "comparison", "mlflow_run_id", "cut", "config_hash"}
+        assert list(s["assets"]) == ["SYN"]
+        a = s["assets"]["SYN"]
+        assert set(a) == {"policies", "comparison"}
+        expected = {static_name(x) for x in (0.03, 0.05, 0.10, 0.20, 0.50)} | {
+            "ewma_ccp", "garch_fhs", "predictive", "oracle_vol", "bound_liquidations", "bound_bad_debt"}
+        assert set(a["policies"]) == expected
+        for name, p in a["policies"].items():
+            assert set(p) == POLICY_KEYS, name
+            assert isinstance(p["liquidations"], int) and p["liquidations"] >= 0
+            assert isinstance(p["bad_debt"], float) and p["bad_debt"] >= 0
+            assert 0 < p["avg_collateral"] <= 1
+            assert p["traffic_light"] in ("green", "yellow", "red", None)
+            assert isinstance(p["max_im_increase_5d"], float) and p["max_im_increase_5d"] >= 0
+            if name in ("ewma_ccp", "garch_fhs"):
+                assert p["traffic_light"] in ("green", "yellow", "red")
+            else:
+                assert p["traffic_light"] is None
+            if name.startswith("static"):
+                assert p["max_im_increase_5d"] == 0.0
+        assert set(a["comparison"]) == {f"{k}_vs_best_static" for k in
+                                        ("ewma_ccp", "garch_fhs", "predictive", "oracle_vol", "bound")}
+        for c in a["comparison"].values():
+            assert set(c) == COMPARISON_KEYS
+            assert all(_is_num_or_null(v) for v in c.values())
+        assert set(s["comparison"]) == {"predictive_vs_best_static", "bound_vs_best_static"}
+        for key, c in s["comparison"].items():
+            assert set(c) == POOLED_KEYS
+            assert isinstance(c["n_assets"], int) and 0 <= c["n_assets"] <= 1
+            per = a["comparison"][key]
+            for m in ("liquidations_change", "bad_debt_change"):
+                assert c[m] == per[m]  # one asset: the pooled mean is its value
+        assert s["cut"] == {"SYN": "2020-01-01"}
+        assert len(s["config_hash"]) == 64
+        assert isinstance(s["mlflow_run_id"], str) and s["mlflow_run_id"]
+
+    def test_changes_match_the_static_frontier(self, tiny: dict) -> None:
+        """Recompute a change by hand from details.json: linear interpolation of the static envelope."""
+        s = json.loads((tiny["outs"][0] / "summary.json").read_text())
+        d = json.loads((tiny["outs"][0] / "details.json").read_text())["assets"]["SYN"]
+        m = d["metrics"]
+        pts = sorted((m[k]["avg_collateral"], m[k]["liquidations"]) for k in m if k.startswith("static"))
+        x = np.array([p[0] for p in pts])
+        y = np.minimum.accumulate(np.array([p[1] for p in pts]))
+        c = m["predictive"]["avg_collateral"]
+        got = s["assets"]["SYN"]["comparison"]["predictive_vs_best_static"]["liquidations_change"]
+        if x[0] <= c <= x[-1] and np.interp(c, x, y) > 0:
+            ref = np.interp(c, x, y)
+            assert got == pytest.approx((m["predictive"]["liquidations"] - ref) / ref, rel=1e-9)
+        else:
+            assert got is None
+
+    def test_same_seed_same_numbers(self, tiny: dict) -> None:
+        a, b = (json.loads((o / "summary.json").read_text()) for o in tiny["outs"])
+        assert a["mlflow_run_id"] != b["mlflow_run_id"]
+        a.pop("mlflow_run_id"), b.pop("mlflow_run_id")
+        assert a == b
+
+    def test_cli_prints_report_and_headline(self, tiny: dict) -> None:
+        out = tiny["output"]
+        assert "report:" in out and "report.html" in out
+        assert "predictive_vs_best_static" in out
+
+    def test_mlflow_run_has_artifacts(self, tiny: dict) -> None:
+        from mlflow.tracking import MlflowClient
+
+        s = json.loads((tiny["outs"][1] / "summary.json").read_text())
+        client = MlflowClient(f"sqlite:///{tiny['root'] / 'mlruns.db'}")
+        run = client.get_run(s["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        names = {f.path for f in client.list_artifacts(s["mlflow_run_id"])}
+        assert {"summary.json", "report.html", "details.json", "config.json"} <= names
+        assert any(k.startswith("assets.SYN.policies.predictive") for k in run.data.metrics)
+
+    def test_report_is_standalone(self, tiny: dict) -> None:
+        html = (tiny["outs"][0] / "report.html").read_text()
+        assert "http://" not in html and "https://" not in html
+        assert 'src="data:image/png;base64,' in html
+        assert "Verdict" in html and "Sensitivity" in html and "Data quality" in html
+
+
+class TestBacktestCommand:
+    def test_backtest_from_saved_tables(self, tiny: dict, tmp_path: Path) -> None:
+        d = json.loads((tiny["outs"][0] / "details.json").read_text())
+        table = Path(d["assets"]["SYN"]["champion"]["forecast_table"])
+        fdir = tmp_path / "fc"
+        fdir.mkdir()
+        (fdir / "SYN.parquet").write_bytes(table.read_bytes())
+        cfg = yaml.safe_load(tiny["config"].read_text())
+        cfg["forecasts_dir"] = str(fdir)
+        p = tmp_path / "bt.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        res = runner.invoke(app, ["backtest", "--config", str(p), "--out", str(tmp_path / "out")])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        a = json.loads((tmp_path / "out" / "summary.json").read_text())
+        b = json.loads((tiny["outs"][0] / "summary.json").read_text())
+        # same forecasts and seed: same numbers; only the config (forecasts_dir) and the run differ
+        assert a["assets"] == b["assets"]
+        assert a["config_hash"] != b["config_hash"]
+
+
+class TestConfigErrors:
+    @pytest.mark.parametrize(
+        ("change", "needle"),
+        [
+            ({"polices": {}}, "unknown key 'polices'"),
+            ({"population": {"n_positons": 3}}, "population: unknown key 'n_positons'"),
+            ({"backtest": {"liquidation": {"penalty": 0.1}}}, "backtest.liquidation: unknown key 'penalty'"),
+            ({"sensitivity": {"vary": {"population.levrage": [1.0]}}}, "unknown field 'levrage'"),
+            ({"controls": {"floor": 0.3, "ceiling": 0.2}}, "controls.floor"),
+        ],
+    )
+    def test_bad_config_exits_2_naming_the_key(self, tmp_path: Path, change: dict, needle: str) -> None:
+        cfg = tiny_config(tmp_path, "csv:/nonexistent/SYN.csv")
+        cfg.update(change)
+        p = tmp_path / "bad.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        res = runner.invoke(app, ["run", "--config", str(p), "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2, res.output
+        assert needle in " ".join(res.output.split())
+        assert not (tmp_path / "o" / "summary.json").exists()
+
+    def test_missing_config_file_exits_2(self, tmp_path: Path) -> None:
+        res = runner.invoke(app, ["run", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)])
+        assert res.exit_code == 2
+        assert "config file not found" in res.output
+
+    def test_shipped_configs_validate(self) -> None:
+        root = Path(__file__).resolve().parents[2]
+        for name in ("demo.yaml", "full.yaml"):
+            cfg = load_config(root / "configs" / name, "run")
+            assert isinstance(cfg, RunConfig)
+            assert [cfg.cut_for(d).isoformat() for d in cfg.datasets] == ["2018-01-01"] * 3
+
+
+class TestHelpers:
+    def test_static_name(self) -> None:
+        assert static_name(0.1) == "static_0.10"
+        assert static_name(0.125) == "static_0.125"
+        assert static_name(0.5) == "static_0.50"
+
+    def test_pooled_mean_of_non_null(self) -> None:
+        got = _pooled([
+            {"liquidations_change": -0.2, "bad_debt_change": None},
+            {"liquidations_change": -0.4, "bad_debt_change": 0.1},
+            {"liquidations_change": None, "bad_debt_change": None},
+        ])
+        assert got == {"liquidations_change": pytest.approx(-0.3), "bad_debt_change": 0.1, "n_assets": 2}
+        assert _pooled([]) == {"liquidations_change": None, "bad_debt_change": None, "n_assets": 0}
+
+    def test_config_hash_is_stable_and_sensitive(self) -> None:
+        a, b = RunConfig(), RunConfig()
+        assert config_hash(a) == config_hash(b)
+        assert config_hash(a) != config_hash(RunConfig(seed=1))
+
+    def test_scaled_path_respects_controls(self) -> None:
+        from margin.controls import Controls
+        from margin.policies import MarginPath
+
+        t = pd.date_range("2020-01-01", periods=50, freq="D", tz="UTC")
+        im = 0.05 + 0.04 * np.sin(np.arange(50) / 3.0)
+        ctl = Controls(floor=0.03, ceiling=0.12, max_change=0.2, notice_bars=2, mm_fraction=0.5)
+        base = MarginPath(times=t, im_rate=im, mm_rate=0.5 * im, policy="x")
+        p = scaled_path(base, 1.6, ctl)
+        assert p.im_rate.min() >= 0.03 - 1e-15 and p.im_rate.max() <= 0.12 + 1e-15
+        ratio = p.im_rate[1:] / p.im_rate[:-1]
+        assert np.all(ratio <= 1.2 + 1e-12) and np.all(ratio >= 0.8 - 1e-12)
+        # an MM increase binds on open positions only after the notice
+        assert np.all(p.mm_rate <= 0.5 * p.im_rate + 1e-15)
+        ref = scaled_path(base, 1.6, ctl, deployable=False)
+        np.testing.assert_allclose(ref.im_rate, np.minimum(im * 1.6, 1.0), rtol=0, atol=0)
