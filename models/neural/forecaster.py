@@ -253,6 +253,7 @@ class NeuralForecaster(Forecaster):
         z = self._resid_z(sub, None if probs is None else probs.iloc[start:], max(len(sub) - R, 1))
         self.z_ = z[-R:]
         self.std_resid_ = self.z_[np.isfinite(self.z_)]
+        self._f1_cache = None
         self.buf_ = frame[self.buffer_columns_].iloc[-self._buflen :].copy()
         self.buf_.attrs = {}
         self.pbuf_ = None if probs is None else probs.iloc[-self._buflen :].copy()
@@ -264,7 +265,13 @@ class NeuralForecaster(Forecaster):
         pnew = self.regime_.update_probabilities(new_bars) if self.use_regimes else None
         buf = pd.concat([self.buf_, new_bars[self.buffer_columns_]])
         pbuf = None if pnew is None else pd.concat([self.pbuf_, pnew])
-        z = self._resid_z(buf, pbuf, len(self.buf_))
+        cache = getattr(self, "_f1_cache", None)
+        if len(new_bars) == 1 and cache is not None and cache[0] == self.last_time_:
+            # the one-step forecast for this bar was already made by predict_variance at the last bar
+            z = aligned_returns(new_bars) / np.sqrt(cache[1])
+        else:
+            z = self._resid_z(buf, pbuf, len(self.buf_))
+        self._f1_cache = None
         self.z_ = np.concatenate([self.z_, z])[-int(self.resid_bars) :]
         self.std_resid_ = self.z_[np.isfinite(self.z_)]
         self.buf_ = buf.iloc[-self._buflen :]
@@ -274,10 +281,13 @@ class NeuralForecaster(Forecaster):
     def _predict(self, horizon: int) -> VolatilityForecast:
         raw, fs = self._feats(self.buf_, self.pbuf_)
         end = np.array([len(fs) - 1])
-        X = np.nan_to_num(self._windows_X(fs, end), nan=0.0)  # missing inputs at their training mean
+        X = self._windows_X(fs, end)
+        complete = bool(np.all(np.isfinite(X)))
+        X = np.nan_to_num(X, nan=0.0)  # missing inputs at their training mean
         raw_last = np.nan_to_num(raw, nan=float(np.log(VARIANCE_FLOOR)))
         out = predict_network(self.net_, X, self._base(raw_last, end))
         lv = out["log_var"][0]
+        self._f1_cache = (self.last_time_, float(np.exp(lv[0]))) if complete else None
         steps = np.minimum(np.arange(horizon), len(lv) - 1)
         var = np.maximum(np.exp(lv[steps]), VARIANCE_FLOOR)
         zq = out["z_quantiles"][0][steps]

@@ -141,13 +141,27 @@ class TestForecasterInterface:
         np.testing.assert_allclose(a.variance, b.variance, rtol=1e-8)
         if a.std_resid is not None:
             assert len(a.std_resid) == len(b.std_resid)
-            np.testing.assert_allclose(a.std_resid, b.std_resid, rtol=1e-7, atol=1e-10)
+            # 1e-6: the networks run in float32 and batch size changes GEMM round-off
+            np.testing.assert_allclose(a.std_resid, b.std_resid, rtol=1e-6, atol=1e-10)
         if a.regime_probs is not None:
             np.testing.assert_allclose(a.regime_probs, b.regime_probs, atol=1e-10)
         if a.quantiles is not None:
             np.testing.assert_allclose(a.quantiles, b.quantiles, rtol=1e-7)
         # and the state really moved: forecasts from the end of A differ
         assert not np.allclose(fitted(name).predict_variance(5).variance, a.variance, rtol=1e-9)
+
+    def test_bar_by_bar_updates_equal_refit_free_rerun(self, name, data, fitted):
+        """The walk-forward pattern (update one bar, predict, repeat) ends in the same state as filter."""
+        frame, _, B = data
+        f = fitted(name)
+        for i in range(30):
+            f.update(B.iloc[i : i + 1]).predict_variance(2)
+        g = fitted(name).filter(frame.iloc[: N_A + 30])
+        a, b = f.predict_variance(3), g.predict_variance(3)
+        np.testing.assert_allclose(a.variance, b.variance, rtol=1e-8)
+        if a.std_resid is not None:
+            # 1e-6: the networks run in float32 and batch size changes GEMM round-off
+            np.testing.assert_allclose(a.std_resid, b.std_resid, rtol=1e-6, atol=1e-10)
 
     def test_pickle_round_trip(self, name, data, fitted):
         _, _, B = data
