@@ -311,6 +311,8 @@ def run_backtest(
     b_close = np.zeros(0, dtype=np.int64)
     b_left = np.zeros(0, dtype=np.int64)
     b_pid = np.zeros(0, dtype=np.int64)
+    b_long = np.zeros(0, dtype=bool)
+    closes_at = np.zeros(len(c_) + 1, dtype=np.int64)  # scheduled closes per bar
 
     ledger = Ledger(fund_initial=cfg.fund0)
     fund = cfg.fund0
@@ -359,11 +361,16 @@ def run_backtest(
             open_notional_total += on
             if per_position:
                 pp_coll[b_pid] += b_margin
-            # 3. liquidation against the bar's high/low
+            # 3. liquidation against the bar's high/low; a cheap pre-screen with the engine's own trigger
+            # expression skips the engine call on bars where nothing triggers
             mm = b_mm if entry_mode else mm_rate[t - 1]
-            res = liquidate_isolated(b_side, b_qty, b_entry, b_margin, mm, ot, h_[t], l_[t], ct, settings, fund,
-                                     bar_volume=vol_usd[t], inplace=True)
-            k = res.index.size
+            lp = (b_entry - b_side * b_margin / b_qty) / (1.0 - b_side * mm)
+            lo_t, hi_t = l_[t], h_[t]
+            k = 0
+            if np.any(np.where(b_long, lp - lo_t, hi_t - lp) >= 0.0):
+                res = liquidate_isolated(b_side, b_qty, b_entry, b_margin, mm, ot, hi_t, lo_t, ct, settings, fund,
+                                         bar_volume=vol_usd[t], inplace=True)
+                k = res.index.size
             if k:
                 ledger.record_liquidation(res)
                 fund = res.fund_after
@@ -379,8 +386,8 @@ def run_backtest(
                     pp_liq[pid_k] += 1.0
                     pp_bad[pid_k] += res.bad_debt
             # 4. scheduled closes (and the end of the window)
-            closing = (b_close <= t) & (b_qty > 0)
-            if closing.any():
+            closing = b_close <= t if (closes_at[t] or t == i1) else None
+            if closing is not None:
                 q, sd, en, w = b_qty[closing], b_side[closing], b_entry[closing], b_margin[closing]
                 realised = sd * q * (ct - en)
                 eq = w + realised
@@ -401,13 +408,14 @@ def run_backtest(
                     s_draw[j] += draw
                     if per_position:
                         pp_bad[b_pid[closing]] += bad
-                keep = ~closing & (b_qty > 0)
+                keep = ~closing & (b_qty > 0) if k else ~closing
             elif k:
                 keep = b_qty > 0
             else:
                 keep = None
             if keep is not None and not keep.all():
                 b_side, b_qty, b_entry, b_margin = b_side[keep], b_qty[keep], b_entry[keep], b_margin[keep]
+                b_long = b_long[keep]
                 b_w0, b_mm, b_close, b_left, b_pid = b_w0[keep], b_mm[keep], b_close[keep], b_left[keep], b_pid[keep]
         if t < i1:
             ct = c_[t]
@@ -449,6 +457,8 @@ def run_backtest(
                 else:
                     left = np.zeros(p1 - p0, dtype=np.int64)
                 b_side = np.concatenate((b_side, population.side[sl]))
+                b_long = np.concatenate((b_long, population.side[sl] > 0))
+                np.add.at(closes_at, close_bar, 1)
                 b_qty = np.concatenate((b_qty, notional / ct))
                 b_entry = np.concatenate((b_entry, np.full(p1 - p0, ct)))
                 b_margin = np.concatenate((b_margin, w))
@@ -457,9 +467,15 @@ def run_backtest(
                 b_close = np.concatenate((b_close, close_bar))
                 b_left = np.concatenate((b_left, left))
                 b_pid = np.concatenate((b_pid, np.arange(p0, p1)))
-        # 7. accounting identity
-        r = ledger.residuals(float(b_margin.sum()), fund)
-        rel = max(abs(v) for v in r.values()) / ledger.scale()
+        # 7. accounting identity (Ledger.residuals, inlined: this runs every bar)
+        lg = ledger
+        r1 = (float(b_margin.sum()) + lg.withdrawn) - (lg.deposits + lg.top_ups - lg.fees + lg.funding + lg.realised_pnl
+                                                      - lg.penalties - lg.slippage + lg.bad_debt)
+        r2 = fund - (lg.fund_initial + lg.penalties - lg.fund_draw)
+        r3 = lg.bad_debt - (lg.fund_draw + lg.adl_covered + lg.uncovered_bad_debt)
+        scale_ = max(1.0, lg.deposits, lg.withdrawn, lg.top_ups, lg.fees, abs(lg.funding), abs(lg.realised_pnl),
+                     lg.penalties, lg.slippage, lg.bad_debt, lg.fund_initial)
+        rel = max(abs(r1), abs(r2), abs(r3)) / scale_
         if rel > max_resid:
             max_resid = rel
         s_fund[j] = fund
