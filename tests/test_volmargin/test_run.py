@@ -157,6 +157,7 @@ class TestSummary:
 
 
 class TestBacktestCommand:
+    @pytest.mark.slow
     def test_backtest_from_saved_tables(self, tiny: dict, tmp_path: Path) -> None:
         d = json.loads((tiny["outs"][0] / "details.json").read_text())
         table = Path(d["assets"]["SYN"]["champion"]["forecast_table"])
@@ -174,6 +175,34 @@ class TestBacktestCommand:
         # same forecasts and seed: same numbers; only the config (forecasts_dir) and the run differ
         assert a["assets"] == b["assets"]
         assert a["config_hash"] != b["config_hash"]
+
+
+    def test_backtest_pins_the_champion_at_the_cut(self, tiny: dict, tmp_path: Path) -> None:
+        res = runner.invoke(app, ["backtest", "--config", str(tiny["config"]), "--out", str(tmp_path / "out")])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        a = json.loads((tmp_path / "out" / "summary.json").read_text())
+        b = json.loads((tiny["outs"][0] / "summary.json").read_text())
+        assert a["assets"] == b["assets"] and a["config_hash"] == b["config_hash"]
+        da = json.loads((tmp_path / "out" / "details.json").read_text())
+        db = json.loads((tiny["outs"][1] / "details.json").read_text())  # the latest champion at the cut
+        assert da["mode"] == "backtest" and da["training_run_ids"] == []
+        assert da["assets"]["SYN"]["champion"] == db["assets"]["SYN"]["champion"]
+
+    @pytest.mark.slow
+    def test_backtest_without_a_champion_recomputes_ewma(self, tiny: dict, tmp_path: Path) -> None:
+        cfg = yaml.safe_load(tiny["config"].read_text())
+        # no champion was recorded at this cut (neither in the registry records nor in MLflow)
+        cfg.update({"cuts": {tiny["dataset"]: "2020-02-01"}, "artifacts_dir": str(tmp_path / "art")})
+        p = tmp_path / "bt.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        res = runner.invoke(app, ["backtest", "--config", str(p), "--out", str(tmp_path / "out")])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        d = json.loads((tmp_path / "out" / "details.json").read_text())
+        assert d["assets"]["SYN"]["champion"]["model_key"] == "ewma"
+        assert d["assets"]["SYN"]["champion"]["forecast_table"] == "recomputed"
+        s = json.loads((tmp_path / "out" / "summary.json").read_text())
+        assert set(s["assets"]["SYN"]["policies"]["predictive"]) == POLICY_KEYS
+        assert s["cut"] == {"SYN": "2020-02-01"}
 
 
 class TestConfigErrors:
