@@ -7,7 +7,10 @@ Timing (one bar ``t`` of the window, after the first)
 3. liquidation against the bar's high/low through :func:`margin.liquidation.liquidate_isolated` (partial
    or full, fill rule, slippage, penalty into the insurance fund, bad debt before the fund, fund draw),
    with the MM published at the close of bar ``t - 1`` (``path.mm_rate[t-1]``, or each position's MM fixed
-   at entry when ``path.mm_binds == "entry"``);
+   at entry when ``path.mm_binds == "entry"``); when a partially closed position's new liquidation price is
+   still inside the bar's range the rule steps again at that price (up to ``max_steps_per_bar`` steps:
+   the bar's extreme is assumed to come after the trigger, the adverse case; the continuation steps are
+   geometric and computed in closed form);
 4. positions whose holding period ends close at ``close_t`` (close fee; P&L realised; the rest withdrawn);
    positions still open at the end of the window close there too;
 5. margin calls at the close: a position with equity ``< call_health × MM`` (MM including an announced,
@@ -71,6 +74,11 @@ class BacktestConfig:
         Per-bar funding override (default: the population's).
     volume_scale : float
         Bar notional volume = ``volume × close × volume_scale`` (for the volume slippage term).
+    max_steps_per_bar : int
+        Most liquidation steps per position and bar: after a partial close the bar's range may cross the
+        position's new liquidation price, and the rule steps again at that price (1 = one step per bar).
+        The first step is the engine's (:func:`margin.liquidation.liquidate_isolated`); the following ones
+        are computed in closed form (:func:`_continue_partial`) and checked against a step-by-step loop.
     """
 
     liquidation: LiquidationSettings = field(default_factory=LiquidationSettings)
@@ -81,8 +89,11 @@ class BacktestConfig:
     fees: bool = True
     funding_rate: float | tuple[float, ...] | None = None
     volume_scale: float = 1.0
+    max_steps_per_bar: int = 1000
 
     def __post_init__(self) -> None:
+        if int(self.max_steps_per_bar) != self.max_steps_per_bar or self.max_steps_per_bar < 1:
+            raise ValueError(f"backtest.max_steps_per_bar must be an integer >= 1, got {self.max_steps_per_bar!r}")
         if self.fund_initial is not None and not self.fund_initial >= 0:
             raise ValueError(f"backtest.fund_initial must be >= 0, got {self.fund_initial!r}")
         if not self.volume_scale > 0:
@@ -238,6 +249,43 @@ def _check_inputs(bars: pd.DataFrame, path: MarginPath, population: Population) 
     return px
 
 
+def _continue_partial(side, qty, entry, margin, mm_rate, fill, slip_rate, low, high, settings, max_more):
+    """Further partial-liquidation steps in the same bar, in closed form (the engine's rule, step after step).
+
+    After a partial close at ``F`` the position sits at health ``h`` there, so its next liquidation price is
+    ``F (1 - side h m) / (1 - side m)``: a geometric sequence of triggers with ratio
+    ``rho = (1 - side h m) / (1 - side m)``. At each trigger the rule closes the same fraction
+    ``f = (h - 1) m / (h m - penalty - s)`` (equity = MM there), so the steps the bar's range reaches
+    (``L_k >= low`` for longs, ``<= high`` for shorts) and their flows are geometric sums. Returns
+    ``None`` when no position takes another step, else (steps, qty, margin, realised, slippage, penalty,
+    notional) with per-position arrays for the first three and totals (USD) for the rest.
+    """
+    st = settings
+    h, m, p = st.target_health, np.asarray(mm_rate, dtype=np.float64), st.penalty_rate
+    s = slip_rate
+    L1 = fill * (1.0 - side * h * m) / (1.0 - side * m)
+    rho = (1.0 - side * h * m) / (1.0 - side * m)
+    bound = np.where(side > 0, low, high)
+    reach = np.where(side > 0, L1 >= bound, L1 <= bound)
+    if not reach.any():
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k = np.where(reach, np.floor(np.log(bound / L1) / np.log(rho)) + 1.0, 0.0)
+    k = np.minimum(np.nan_to_num(k, nan=0.0, posinf=float(max_more)), float(max_more))
+    f = np.minimum(np.nextafter((h - 1.0) * m / (h * m - p - s), np.inf), 1.0)
+    g = (1.0 - f) * rho
+    keep = (1.0 - f) ** k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        geo = np.where(np.abs(1.0 - g) > 1e-15, (1.0 - g**k) / (1.0 - g), k)
+    cq_l = f * qty * L1 * geo  # sum over the steps of closed qty × fill price
+    cq = qty * (1.0 - keep)  # sum of closed qty
+    realised = side * (cq_l - entry * cq)
+    slip = s * cq_l
+    pen = p * cq_l
+    return (k, qty * keep, margin + realised - slip - pen, float(realised.sum()), float(slip.sum()),
+            float(pen.sum()), float(cq_l.sum()))
+
+
 def run_backtest(
     bars: pd.DataFrame,
     path: MarginPath,
@@ -293,6 +341,7 @@ def run_backtest(
     mm_call_rate = mm_rate if path.mm_pending is None else np.fmax(mm_rate, np.asarray(path.mm_pending))
     entry_mode = path.mm_binds == "entry"
     topup_on = cfg.topups and pc.topup_max > 0 and pc.topup_prob > 0
+    max_steps = int(cfg.max_steps_per_bar)
 
     ob = population.open_bar
     lo_ptr = int(ob.searchsorted(i0, side="left"))
@@ -370,11 +419,11 @@ def run_backtest(
             if np.any(np.where(b_long, lp - lo_t, hi_t - lp) >= 0.0):
                 res = liquidate_isolated(b_side, b_qty, b_entry, b_margin, mm, ot, hi_t, lo_t, ct, settings, fund,
                                          bar_volume=vol_usd[t], inplace=True)
-                k = res.index.size
-            if k:
+                idx_k = res.index
+                k = idx_k.size
                 ledger.record_liquidation(res)
                 fund = res.fund_after
-                pid_k = b_pid[res.index]
+                pid_k = b_pid[idx_k]
                 new = ~hit[pid_k]
                 hit[pid_k] = True
                 s_liq[j] = int(new.sum())
@@ -385,6 +434,27 @@ def run_backtest(
                 if per_position:
                     pp_liq[pid_k] += 1.0
                     pp_bad[pid_k] += res.bad_debt
+                if max_steps > 1 and not res.full.all():
+                    part = ~res.full
+                    sub = idx_k[part]
+                    cont = _continue_partial(
+                        b_side[sub], b_qty[sub], b_entry[sub], b_margin[sub], mm[sub] if entry_mode else mm,
+                        res.fill_price[part], res.slippage_cost[part] / (res.closed_qty[part] * res.fill_price[part]),
+                        lo_t, hi_t, settings, max_steps - 1)
+                    if cont is not None:
+                        n_steps, q_new, w_new, realised, slip, pen, notional = cont
+                        b_qty[sub] = q_new
+                        b_margin[sub] = w_new
+                        ledger.realised_pnl += realised
+                        ledger.slippage += slip
+                        ledger.penalties += pen
+                        fund += pen
+                        ne = float(n_steps.sum())
+                        k += int(ne)
+                        s_ev[j] += ne
+                        s_liqn[j] += notional
+                        if per_position:
+                            pp_liq[b_pid[sub]] += n_steps
             # 4. scheduled closes (and the end of the window)
             closing = b_close <= t if (closes_at[t] or t == i1) else None
             if closing is not None:
@@ -576,6 +646,7 @@ def reference_backtest(
     pend = None if path.mm_pending is None else np.asarray(path.mm_pending, dtype=np.float64).tolist()
     entry_mode = path.mm_binds == "entry"
     topup_on = cfg.topups and pc.topup_max > 0 and pc.topup_prob > 0
+    max_steps = int(cfg.max_steps_per_bar)
     ob = population.open_bar
     lo_ptr = int(ob.searchsorted(i0, side="left"))
     hi_ptr = int(ob.searchsorted(i1, side="left"))
@@ -601,8 +672,11 @@ def reference_backtest(
             w += -sd * q * (ot * fr[t])
             coll += w
             mr = mmr_fixed if entry_mode else mm_rate[t - 1]
-            lp = (en - sd * w / q) / (1.0 - sd * mr)
-            if (sd > 0 and lp >= lt) or (sd < 0 and lp <= ht):
+            closed = False
+            for _step in range(max_steps):
+                lp = (en - sd * w / q) / (1.0 - sd * mr)
+                if not ((sd > 0 and lp >= lt) or (sd < 0 and lp <= ht)):
+                    break
                 liq += 1
                 fill = min(lp, ot) if sd > 0 else max(lp, ot)
                 fill = max(fill, 0.0)
@@ -628,9 +702,12 @@ def reference_backtest(
                 if f >= 1.0:
                     bad += max(-e_s, 0.0)
                     q = 0.0
+                    closed = True
                     break
                 w = w + realised - slip - pen_due
                 q = q - cq
+            if closed:
+                break
             if t == close_bar:
                 bad += max(-(w + sd * q * (ct - en)), 0.0)  # below bankruptcy at the close (after a partial)
                 break

@@ -65,7 +65,7 @@ class TestHandWorked:
     bars = make_bars([[100, 100, 100, 100], [99, 101, 90, 95], [80, 85, 78, 82], [82, 83, 81, 82]])
     pop = make_pop([[0, 3, 1, 10, 1000, 0.5], [0, 2, -1, 5, 2000, 0.5], [1, 5, 1, 20, 950, 0.5]], 4, fee_rate=0.0,
                    funding_rate=0.0, topup_prob=0.0)
-    cfg = BacktestConfig(liquidation=HAND, topups=False)
+    cfg = BacktestConfig(liquidation=HAND, topups=False, max_steps_per_bar=1)
 
     def test_numbers(self):
         res = run_backtest(self.bars, static_path(self.bars, 0.10, 0.05), self.pop, self.cfg, per_position=True)
@@ -99,6 +99,32 @@ class TestHandWorked:
         np.testing.assert_allclose(res.per_position["bad_debt"], [bad_a, 0, bad_c], rtol=1e-9)
         assert res.ledger_residual < 1e-12
         assert res.n_positions == 3
+
+    def test_steps_within_bar(self):
+        """With more steps per bar, A is partially closed again at each new liquidation price while bar 1's low
+        (90) is below it; each step is the one-step rule applied at the new trigger (hand loop)."""
+        res = run_backtest(self.bars, static_path(self.bars, 0.10, 0.05), self.pop,
+                           BacktestConfig(liquidation=HAND, topups=False, max_steps_per_bar=100))
+        w, q, steps, pen = 100.0, 10.0, 0, 0.0
+        while True:
+            L = (100 - w / q) / 0.95
+            if L < 90:
+                break
+            mm = 0.05 * q * L
+            eq = w + q * (L - 100)
+            f = (1.05 * mm - min(eq, mm)) / (1.05 * mm - 0.01 * q * L)
+            assert 0 < f <= 0.5
+            w += f * q * (L - 100) - f * q * L * 0.01
+            pen += f * q * L * 0.01
+            q -= f * q
+            steps += 1
+        assert steps > 1
+        assert res.series["liquidation_events"].iloc[1] == steps
+        assert res.series["liquidations"].iloc[1] == 1
+        bad_a = -(w + q * (80 - 100))
+        assert res.bad_debt == pytest.approx(bad_a + 55.0, rel=1e-9)
+        assert res.penalties == pytest.approx(pen, rel=1e-9)
+        assert res.ledger_residual < 1e-12
 
     def test_breaches(self):
         res = run_backtest(self.bars, static_path(self.bars, 0.10, 0.05), self.pop, self.cfg)
@@ -240,3 +266,5 @@ class TestErrors:
             run_backtest(bars.drop(columns="low"), static_path(bars, 0.1, 0.05), pop)
         with pytest.raises(ValueError, match="backtest.fund_initial must be >= 0"):
             BacktestConfig(fund_initial=-1)
+        with pytest.raises(ValueError, match="backtest.max_steps_per_bar must be an integer >= 1, got 0"):
+            BacktestConfig(max_steps_per_bar=0)
