@@ -442,18 +442,34 @@ def _bound_frontier(tab: Any, objective: str, targets: list[float]) -> Any:
     return Frontier(family=f"bound_{objective}", points=tuple(pts))
 
 
-def _coverage(name: str, path: Any, res: Any, cut: pd.Timestamp) -> dict[str, Any]:
-    """Coverage tests on the margin-breach series of the held-out bars.
+def horizon_breaches(close: np.ndarray, im: np.ndarray, first: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exceptions of the IM over non-overlapping ``horizon``-bar windows from bar ``first`` on.
 
-    A breach is a bar whose close-to-close loss on a 1-unit long (short) position exceeded the IM
-    published before it. For the VaR-based policies (``ewma_ccp``, ``garch_fhs``) each side is tested
-    against ``p = 1 - confidence`` (Kupiec, Christoffersen) and gets a Basel traffic light scaled to the
-    sample by binomial quantiles; the worse side is reported. Their IM covers a ``horizon``-bar move, so
-    one-bar exceptions are conservative. Other policies have no stated confidence: breach rate and
-    Christoffersen independence only, traffic light null.
+    Window ``k`` starts at bar ``t = first + k * horizon`` with the IM published at its close; a long
+    (short) breach is a loss ``1 - C[t+h]/C[t]`` (``C[t+h]/C[t] - 1``) larger than ``im[t]``, per unit of
+    notional. Windows do not overlap, so independent exceptions stay independent (Kupiec, Christoffersen).
+    """
+    c = np.asarray(close, dtype=np.float64)
+    starts = np.arange(first, c.size - horizon, horizon)
+    ratio = c[starts + horizon] / c[starts]
+    m = np.asarray(im, dtype=np.float64)[starts]
+    return (1.0 - ratio) > m, (ratio - 1.0) > m
+
+
+def _coverage(name: str, path: Any, res: Any, inp: AssetInputs) -> dict[str, Any]:
+    """Coverage tests on margin breaches over the held-out bars.
+
+    Every policy: the backtester's one-bar breach series (close-to-close loss of a 1-unit long or short
+    beyond the IM published before the bar): breach rate and Christoffersen independence. The VaR-based
+    policies (``ewma_ccp``, ``garch_fhs``) state a confidence ``c`` and a horizon ``h``: their IM is tested
+    on non-overlapping ``h``-bar windows (:func:`horizon_breaches`), each side against ``p = 1 - c``
+    (Kupiec, Christoffersen) with a Basel traffic light scaled to the number of windows by binomial
+    quantiles (``training.tests.traffic_light``); the worse side is reported. Other policies state no
+    confidence: traffic light null.
     """
     from training.tests import christoffersen_independence, coverage_test, traffic_light
 
+    cut = inp.cut
     br = res.breaches
     br = br[pd.DatetimeIndex(br.index) >= cut] if len(br) else br
     out: dict[str, Any] = {"n": int(len(br))}
@@ -463,21 +479,28 @@ def _coverage(name: str, path: Any, res: Any, cut: pd.Timestamp) -> dict[str, An
     both = br["breach_im"].to_numpy(dtype=bool)
     out["breach_rate"] = float(both.mean())
     out["christoffersen_p"] = christoffersen_independence(both)[1]
-    conf = path.meta.get("confidence") if isinstance(path.meta, dict) else None
+    meta = path.meta if isinstance(path.meta, dict) else {}
+    conf = meta.get("confidence")
     if name in VAR_POLICIES and conf is not None:
         p = 1.0 - float(conf)
+        h = int(meta.get("horizon", 1))
+        first = int(pd.DatetimeIndex(inp.bars.index).searchsorted(cut))
+        longs, shorts = horizon_breaches(inp.bars["close"].to_numpy(dtype=float), path.im_rate, first, h)
+        if len(longs) < 2:
+            out.update({"traffic_light": None, "reason": f"fewer than 2 held-out {h}-bar windows"})
+            return out
         zones = {"green": 0, "yellow": 1, "red": 2}
         worst = None
-        for side in ("long", "short"):
-            b = br[f"breach_{side}"].to_numpy(dtype=bool)
+        for side, b in (("long", longs), ("short", shorts)):
             ct = coverage_test(b, p).to_dict()
             ct["traffic_light"] = traffic_light(b, p=p).value
             out[side] = ct
             if worst is None or zones[ct["traffic_light"]] > zones[worst[1]["traffic_light"]]:
                 worst = (side, ct)
         assert worst is not None
-        out.update({"p": p, "worst_side": worst[0], "traffic_light": worst[1]["traffic_light"],
-                    "kupiec_p": worst[1]["p_uc"], "christoffersen_p": worst[1]["p_ind"]})
+        out.update({"p": p, "horizon": h, "windows": int(len(longs)), "worst_side": worst[0],
+                    "traffic_light": worst[1]["traffic_light"], "kupiec_p": worst[1]["p_uc"],
+                    "christoffersen_p": worst[1]["p_ind"]})
     else:
         out["traffic_light"] = None
     return out
@@ -617,7 +640,7 @@ def evaluate_asset(
                 scaled[s] = run(scaled_path(paths[name], s, controls, deployable=name != "oracle_vol"))
         frontiers[name] = frontier_from_results(name, scaled)
         tick()
-    coverage = {name: _coverage(name, paths[name], res, inp.cut) for name, res in results.items()}
+    coverage = {name: _coverage(name, paths[name], res, inp) for name, res in results.items()}
     sens: list[dict[str, Any]] = []
     if sensitivity and cfg.sensitivity.enabled:
         sens = _sensitivity(inp, cfg, ctx, paths["predictive"])

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from data_pipelines.synthetic import simulate
 from volmargin.cli import app
 from volmargin.config import RunConfig, load_config
-from volmargin.run import _pooled, config_hash, scaled_path, static_name
+from volmargin.run import _pooled, config_hash, horizon_breaches, scaled_path, static_name
 
 runner = CliRunner()
 
@@ -275,3 +275,22 @@ class TestHelpers:
         assert np.all(p.mm_rate <= 0.5 * p.im_rate + 1e-15)
         ref = scaled_path(base, 1.6, ctl, deployable=False)
         np.testing.assert_allclose(ref.im_rate, np.minimum(im * 1.6, 1.0), rtol=0, atol=0)
+
+    def test_horizon_breaches_hand_example(self) -> None:
+        close = np.array([100.0, 90.0, 95.0, 120.0, 100.0])
+        longs, shorts = horizon_breaches(close, np.full(5, 0.04), 0, 2)
+        # windows 0->2 (95/100: the long loses 5% > 4%) and 2->4 (100/95: the short loses 5.3% > 4%)
+        assert longs.tolist() == [True, False] and shorts.tolist() == [False, True]
+
+    def test_horizon_breaches_against_a_loop(self) -> None:
+        rng = np.random.default_rng(42)
+        close = 100 * np.exp(np.cumsum(rng.normal(0, 0.03, 200)))
+        im = rng.uniform(0.01, 0.08, 200)
+        longs, shorts = horizon_breaches(close, im, 17, 3)
+        ref_l, ref_s = [], []
+        t = 17
+        while t + 3 <= 199:
+            ref_l.append(1 - close[t + 3] / close[t] > im[t])
+            ref_s.append(close[t + 3] / close[t] - 1 > im[t])
+            t += 3
+        assert longs.tolist() == ref_l and shorts.tolist() == ref_s
