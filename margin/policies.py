@@ -439,6 +439,9 @@ class PredictivePolicy:
     variance over the forecast's horizon), blended geometrically with the quantile-implied volatility
     (``quantile_weight``) when the forecast has quantiles; ``sigma_ref`` is the median σ before the cut.
     ``power < 1`` is a sub-proportional response, ``> 1`` super-proportional, 0 static.
+    ``mm_binds``: ``"path"`` (MM = ``mm_fraction × IM`` binds on open positions, increases after the notice)
+    or ``"entry"`` (each position keeps ``mm_fraction ×`` its entry IM: only new positions see changes, an
+    entry-IM policy like the bound). Both are in the fit's grid.
     """
 
     level: float = 0.10
@@ -447,13 +450,14 @@ class PredictivePolicy:
     omega: float = 0.5
     floor: float = 0.01
     quantile_weight: float = 0.5
+    mm_binds: Literal["path", "entry"] = "path"
     sigma_ref: float | None = None
     name: str = "predictive"
     fitted: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def params(self) -> dict[str, float]:
+    def params(self) -> dict[str, Any]:
         return {"level": self.level, "power": self.power, "stress": self.stress, "omega": self.omega,
-                "floor": self.floor, "quantile_weight": self.quantile_weight,
+                "floor": self.floor, "quantile_weight": self.quantile_weight, "mm_binds": self.mm_binds,
                 "sigma_ref": float("nan") if self.sigma_ref is None else self.sigma_ref}
 
     @staticmethod
@@ -494,6 +498,11 @@ class PredictivePolicy:
             ref = float(np.median(s))
         raw = np.minimum(self.raw_from(feats, ref), 1.0)
         meta = {**self.params(), "sigma_ref": ref, **({"fit": self.fitted} if self.fitted else {})}
+        if self.mm_binds == "entry":
+            # MM fixed at entry (mm_fraction × entry IM): open positions never see an MM change
+            cp = apply_controls(raw, ctx.controls)
+            return MarginPath(times=ctx.times, im_rate=cp.im_new, mm_rate=ctx.controls.mm_fraction * cp.im_new,
+                              policy=self.name, meta={**meta, "controls": ctx.controls.to_dict()}, mm_binds="entry")
         return _mm_controlled(self.name, ctx, raw, meta)
 
 
@@ -506,6 +515,7 @@ def fit_predictive(
     grid: Mapping[str, Sequence[float]] | None = None,
     max_positions: int | None = 20_000,
     rounds: int = 2,
+    refine: bool = True,
     start: Any = None,
 ) -> PredictivePolicy:
     """Fit :class:`PredictivePolicy` on origins BEFORE ``ctx.cut`` by coordinate search over a grid.
@@ -516,7 +526,9 @@ def fit_predictive(
     ``alpha`` (USD per liquidation, default 1 % of the median notional) and ``beta`` (USD per USD·bar of
     collateral; default ``capital_cost_annual`` (0.10) per year converted with the bar length).
 
-    Returns the fitted policy; ``policy.fitted`` records the weights, the best objective and its parts,
+    The search: coordinate descent over ``grid`` (``rounds`` passes over level, power, stress, omega, floor
+    and mm_binds, keeping every improvement), then (``refine``) a finer look at level and power between
+    their grid neighbours. Returns the fitted policy; ``policy.fitted`` records the weights, the best objective and its parts,
     the number of evaluations and the search path.
     """
     from margin.backtest import BacktestConfig, _bars_per_day, run_backtest
@@ -543,11 +555,12 @@ def fit_predictive(
     base = PredictivePolicy(floor=ctx.controls.floor)
     ref = float(np.median(base.sigma(feats)[:k]))
     g = {
-        "level": (0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20, 0.25, 0.33),
+        "level": (0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20, 0.25, 0.33, 0.4, 0.5),
         "power": (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5),
         "stress": (0.0, 0.25, 0.5, 1.0, 2.0),
         "omega": (0.0, 0.5, 1.0),
         "floor": tuple(sorted({ctx.controls.floor, 0.02, 0.03, 0.05, 0.08})),
+        "mm_binds": ("path", "entry"),
     }
     if grid:
         g.update({k_: tuple(v) for k_, v in grid.items()})
@@ -555,7 +568,7 @@ def fit_predictive(
         g["stress"] = (0.0,)
     end = ctx.bars.index[k] if k < len(ctx.bars) else None
     cache: dict[tuple[float, ...], dict[str, float]] = {}
-    names = ("level", "power", "stress", "omega", "floor")
+    names = ("level", "power", "stress", "omega", "floor", "mm_binds")
 
     def evaluate(p: dict[str, float]) -> dict[str, float]:
         key = tuple(p[n] for n in names)
@@ -569,7 +582,7 @@ def fit_predictive(
                           "collateral_locked": scale * res.collateral_locked, "avg_collateral": res.avg_collateral}
         return cache[key]
 
-    cur = {"level": 0.10, "power": 0.5, "stress": 0.0, "omega": 0.5, "floor": ctx.controls.floor}
+    cur = {"level": 0.10, "power": 0.5, "stress": 0.0, "omega": 0.5, "floor": ctx.controls.floor, "mm_binds": "path"}
     for n in names:
         if cur[n] not in g[n]:
             cur[n] = g[n][len(g[n]) // 2]
@@ -586,6 +599,18 @@ def fit_predictive(
                     trace.append({**cur, **best})
         if not improved:
             break
+    # refine the continuous parameters between their grid neighbours (three points on each side)
+    for n in ("level", "power"):
+        if refine and len(g[n]) > 1:
+            vals = sorted(g[n])
+            i = vals.index(cur[n]) if cur[n] in vals else int(np.argmin(np.abs(np.asarray(vals) - cur[n])))
+            lo_v, hi_v = vals[max(i - 1, 0)], vals[min(i + 1, len(vals) - 1)]
+            for v in np.unique(np.r_[np.linspace(lo_v, cur[n], 4)[1:-1], np.linspace(cur[n], hi_v, 4)[1:-1]]):
+                cand = {**cur, n: float(v)}
+                r = evaluate(cand)
+                if r["objective"] < best["objective"] - 1e-9 * max(1.0, abs(best["objective"])):
+                    cur, best = cand, r
+                    trace.append({**cur, **best})
     fitted = {"alpha": alpha, "beta": beta, "objective": best, "evaluations": len(cache), "trace": trace,
               "n_positions_fit": len(pop), "fit_end": str(end), "sigma_ref": ref}
     log.info("predictive fitted: %s objective %.4g (%d evaluations)", cur, best["objective"], len(cache))

@@ -184,6 +184,13 @@ class TestPredictive:
         p = PredictivePolicy(level=0.1, power=0.0, stress=1.0).path(ctx)
         np.testing.assert_allclose(p.im_rate, 0.15)
 
+    def test_mm_fixed_at_entry(self):
+        bars, sig = market(200)
+        ctx = PolicyContext(bars=bars, forecast=forecast_for(bars, sig), controls=Controls(mm_fraction=0.4))
+        p = PredictivePolicy(mm_binds="entry").path(ctx)
+        assert p.mm_binds == "entry" and p.mm_pending is None
+        np.testing.assert_allclose(p.mm_rate, 0.4 * p.im_rate)
+
     def test_quantiles_blend(self):
         bars, sig = market(200)
         ctx = PolicyContext(bars=bars, forecast=forecast_for(bars, sig, quantiles=True),
