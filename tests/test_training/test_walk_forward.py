@@ -107,14 +107,15 @@ class TestWalkForward:
             import models  # noqa: F401
         if model not in FORECASTERS:
             pytest.skip(f"{model} not registered yet")
-        frame = synthetic_frame(300)
-        if model == "har":
-            frame = _har_columns(frame)
+        base = synthetic_frame(300)
         k = 220
-        res1 = walk_forward(make_task(frame, model=model))
-        changed = frame.copy()
+        changed = base.copy()
         changed.iloc[k:, changed.columns.get_loc("ret")] *= 5.0
         changed.iloc[k:, changed.columns.get_loc("var_gk")] *= 25.0
+        if model == "har":  # every variance column (and the HAR lags) is rebuilt from the changed bars
+            base, changed = _har_columns(base), _har_columns(changed)
+        frame = base
+        res1 = walk_forward(make_task(frame, model=model))
         res2 = walk_forward(make_task(changed, model=model))
         before = res1.forecast.origins < frame.index[k]
         np.testing.assert_array_equal(res1.forecast.variance[before], res2.forecast.variance[before])
