@@ -455,9 +455,11 @@ class PredictivePolicy:
     name: str = "predictive"
     fitted: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, float]:
+        """Numeric parameters (``mm_at_entry``: 1.0 when MM is fixed at entry, 0.0 when it follows the path)."""
         return {"level": self.level, "power": self.power, "stress": self.stress, "omega": self.omega,
-                "floor": self.floor, "quantile_weight": self.quantile_weight, "mm_binds": self.mm_binds,
+                "floor": self.floor, "quantile_weight": self.quantile_weight,
+                "mm_at_entry": 1.0 if self.mm_binds == "entry" else 0.0,
                 "sigma_ref": float("nan") if self.sigma_ref is None else self.sigma_ref}
 
     @staticmethod
@@ -497,7 +499,8 @@ class PredictivePolicy:
             s = self.sigma(feats)[: max(k, 1)]
             ref = float(np.median(s))
         raw = np.minimum(self.raw_from(feats, ref), 1.0)
-        meta = {**self.params(), "sigma_ref": ref, **({"fit": self.fitted} if self.fitted else {})}
+        meta = {**self.params(), "mm_binds": self.mm_binds, "sigma_ref": ref,
+                **({"fit": self.fitted} if self.fitted else {})}
         if self.mm_binds == "entry":
             # MM fixed at entry (mm_fraction × entry IM): open positions never see an MM change
             cp = apply_controls(raw, ctx.controls)
