@@ -902,6 +902,11 @@ def run_job(
         details_path = atomic_write_text(out / "details.json", json.dumps(details, indent=2, default=str))
         config_json = atomic_write_text(out / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
         mlflow.log_params(dict(list(_flat_params(cfg.model_dump(mode="json")).items())[:500]))
+        mlflow.set_tags({
+            "training_run_ids": ",".join(training.get("training_run_ids", [])),
+            **{f"champion.{o.inputs.asset}": f"{o.inputs.champion.get('model_key')} v{o.inputs.champion.get('model_version')}"
+               for o in outcomes.values()},
+        })
         metrics = flatten_metrics({"assets": summary["assets"], "comparison": summary["comparison"]})
         mlflow.log_metrics({k.replace("<", "").replace(">", ""): v for k, v in metrics.items()})
         for p in (summary_path, details_path, report_path, config_json):
