@@ -34,6 +34,7 @@ policies at equal capital. ``avg_collateral_open`` divides by the notional actua
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,8 @@ from margin.population import Population
 
 if TYPE_CHECKING:
     from margin.policies import MarginPath
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BacktestConfig", "BacktestResult", "run_backtest", "reference_backtest", "ohlcv_arrays"]
 
@@ -550,6 +553,11 @@ def run_backtest(
             max_resid = rel
         s_fund[j] = fund
 
+    if not cfg.frozen and np.isfinite(vol_usd[i0:i1 + 1]).any():
+        share = float(np.median(s_open[s_open > 0] / vol_usd[i0:i1 + 1][s_open > 0])) if (s_open > 0).any() else 0.0
+        if share > 0.1:
+            log.warning("the population's open notional is %.0f%% of the median bar volume: volume slippage will "
+                        "dominate (raise backtest.volume_scale or lower the population's notional)", 100 * share)
     wtimes = times[i0:i1 + 1]
     im_w = im_rate[i0:i1 + 1]
     series = pd.DataFrame(
