@@ -555,9 +555,9 @@ def run_backtest(
 
     if not cfg.frozen and np.isfinite(vol_usd[i0:i1 + 1]).any():
         share = float(np.median(s_open[s_open > 0] / vol_usd[i0:i1 + 1][s_open > 0])) if (s_open > 0).any() else 0.0
-        if share > 0.1:
-            log.warning("the population's open notional is %.0f%% of the median bar volume: volume slippage will "
-                        "dominate (raise backtest.volume_scale or lower the population's notional)", 100 * share)
+        if share > 0.5:
+            log.warning("the population's open notional is %.0f%% of the median bar volume: volume slippage is "
+                        "extreme (raise backtest.volume_scale or lower the population's notional)", 100 * share)
     wtimes = times[i0:i1 + 1]
     im_w = im_rate[i0:i1 + 1]
     series = pd.DataFrame(

@@ -57,6 +57,7 @@ __all__ = [
     "BoundPolicy",
     "make_policy",
     "fit_predictive",
+    "slow_release",
     "POLICY_NAMES",
     "DEFAULT_IM_GRID",
 ]
@@ -277,6 +278,20 @@ def aligned_stress(ctx: PolicyContext) -> np.ndarray:
     return np.zeros(n)
 
 
+def slow_release(raw: np.ndarray, release: float) -> np.ndarray:
+    """``y_t = max(raw_t, (1 - release) y_{t-1})``: rises at once, falls by at most ``release`` per bar."""
+    if not 0.0 < release <= 1.0:
+        raise ValueError(f"release must be in (0, 1], got {release!r}")
+    x = np.asarray(raw, dtype=np.float64)
+    out = np.empty_like(x)
+    keep = 1.0 - release
+    prev = 0.0  # IM rates are positive
+    for t, v in enumerate(x.tolist()):
+        prev = v if v > prev * keep else prev * keep
+        out[t] = prev
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- policies
 @dataclass(frozen=True)
 class StaticPolicy:
@@ -439,6 +454,8 @@ class PredictivePolicy:
     variance over the forecast's horizon), blended geometrically with the quantile-implied volatility
     (``quantile_weight``) when the forecast has quantiles; ``sigma_ref`` is the median σ before the cut.
     ``power < 1`` is a sub-proportional response, ``> 1`` super-proportional, 0 static.
+    ``release`` (in (0, 1]): the largest relative fall of the raw IM per bar, so that margin raised in a
+    volatile spell is released slowly (crashes cluster); 1 = no hold (the controls' cap still applies).
     ``mm_binds``: ``"path"`` (MM = ``mm_fraction × IM`` binds on open positions, increases after the notice)
     or ``"entry"`` (each position keeps ``mm_fraction ×`` its entry IM: only new positions see changes, an
     entry-IM policy like the bound). Both are in the fit's grid.
@@ -450,6 +467,7 @@ class PredictivePolicy:
     omega: float = 0.5
     floor: float = 0.01
     quantile_weight: float = 0.5
+    release: float = 1.0
     mm_binds: Literal["path", "entry"] = "path"
     sigma_ref: float | None = None
     name: str = "predictive"
@@ -458,7 +476,7 @@ class PredictivePolicy:
     def params(self) -> dict[str, float]:
         """Numeric parameters (``mm_at_entry``: 1.0 when MM is fixed at entry, 0.0 when it follows the path)."""
         return {"level": self.level, "power": self.power, "stress": self.stress, "omega": self.omega,
-                "floor": self.floor, "quantile_weight": self.quantile_weight,
+                "floor": self.floor, "quantile_weight": self.quantile_weight, "release": self.release,
                 "mm_at_entry": 1.0 if self.mm_binds == "entry" else 0.0,
                 "sigma_ref": float("nan") if self.sigma_ref is None else self.sigma_ref}
 
@@ -489,7 +507,10 @@ class PredictivePolicy:
 
     def raw_from(self, feats: Mapping[str, np.ndarray], sigma_ref: float) -> np.ndarray:
         x = self.sigma(feats) / sigma_ref
-        return np.maximum(self.floor, self.level * x**self.power * (1.0 + self.stress * feats["stress"]))
+        raw = np.maximum(self.floor, self.level * x**self.power * (1.0 + self.stress * feats["stress"]))
+        if self.release < 1.0:
+            raw = slow_release(raw, self.release)
+        return raw
 
     def path(self, ctx: PolicyContext) -> MarginPath:
         feats = self.features(ctx)
@@ -563,6 +584,7 @@ def fit_predictive(
         "stress": (0.0, 0.25, 0.5, 1.0, 2.0),
         "omega": (0.0, 0.5, 1.0),
         "floor": tuple(sorted({ctx.controls.floor, 0.02, 0.03, 0.05, 0.08})),
+        "release": (1.0, 0.2, 0.05, 0.02),
         "mm_binds": ("path", "entry"),
     }
     if grid:
@@ -571,7 +593,7 @@ def fit_predictive(
         g["stress"] = (0.0,)
     end = ctx.bars.index[k] if k < len(ctx.bars) else None
     cache: dict[tuple[float, ...], dict[str, float]] = {}
-    names = ("level", "power", "stress", "omega", "floor", "mm_binds")
+    names = ("level", "power", "stress", "omega", "floor", "release", "mm_binds")
 
     def evaluate(p: dict[str, float]) -> dict[str, float]:
         key = tuple(p[n] for n in names)
@@ -585,7 +607,8 @@ def fit_predictive(
                           "collateral_locked": scale * res.collateral_locked, "avg_collateral": res.avg_collateral}
         return cache[key]
 
-    cur = {"level": 0.10, "power": 0.5, "stress": 0.0, "omega": 0.5, "floor": ctx.controls.floor, "mm_binds": "path"}
+    cur = {"level": 0.10, "power": 0.5, "stress": 0.0, "omega": 0.5, "floor": ctx.controls.floor, "release": 1.0,
+           "mm_binds": "path"}
     for n in names:
         if cur[n] not in g[n]:
             cur[n] = g[n][len(g[n]) // 2]

@@ -25,6 +25,7 @@ from margin.policies import (
     ewma_variance,
     fit_predictive,
     make_policy,
+    slow_release,
     solve_lambda,
 )
 from margin.population import PopulationConfig, generate_population
@@ -183,6 +184,18 @@ class TestPredictive:
                             controls=Controls(floor=1e-4, ceiling=1.0, max_change=1e3, notice_bars=0))
         p = PredictivePolicy(level=0.1, power=0.0, stress=1.0).path(ctx)
         np.testing.assert_allclose(p.im_rate, 0.15)
+
+    def test_slow_release_plain_loop(self):
+        x = np.array([0.1, 0.3, 0.1, 0.1, 0.5, 0.2, 0.05])
+        y = slow_release(x, 0.25)
+        ref, prev = [], -1.0
+        for v in x:
+            prev = max(v, 0.75 * prev)
+            ref.append(prev)
+        np.testing.assert_allclose(y, ref, rtol=1e-15)
+        np.testing.assert_array_equal(slow_release(x, 1.0), x)
+        with pytest.raises(ValueError, match=r"release must be in \(0, 1\], got 0"):
+            slow_release(x, 0)
 
     def test_mm_fixed_at_entry(self):
         bars, sig = market(200)
