@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["FrontierPoint", "Frontier", "Interpolated", "sweep", "frontier_from_results", "interpolate", "compare"]
+__all__ = ["FrontierPoint", "Frontier", "Interpolated", "sweep", "frontier_from_results", "interpolate", "refine",
+           "compare"]
 
 Metric = Literal["liquidations", "bad_debt"]
 METRICS: tuple[str, ...] = ("liquidations", "bad_debt")
@@ -125,6 +126,37 @@ def interpolate(frontier: Frontier, avg_collateral: float, metric: str, *, exten
     return Interpolated(float(np.interp(c, xu, y[last])), None)
 
 
+def refine(frontier: Frontier, avg_collateral: float, run_fn: Callable[[float], Any], *, rel_tol: float = 2e-3,
+           max_iter: int = 14) -> Frontier:
+    """Add points to a frontier around ``avg_collateral`` by bisecting the scale (geometric mean).
+
+    A frontier of liquidations or bad debt against collateral is typically convex, so a straight line between
+    two distant grid points lies ABOVE it and flatters any policy compared with it. ``refine`` runs the family
+    at scales between the two points bracketing ``avg_collateral`` (collateral must grow with the scale, as
+    for static IM levels) until the bracket is narrower than ``rel_tol × avg_collateral``; the returned
+    frontier holds every evaluated point. Outside the frontier's range it is returned unchanged.
+    """
+    c = float(avg_collateral)
+    pts = list(frontier.points)
+    for _ in range(max_iter):
+        x = np.array([p.avg_collateral for p in pts])
+        order = np.argsort(x)
+        xs = x[order]
+        if not math.isfinite(c) or xs.size < 2 or c < xs[0] or c > xs[-1]:
+            break
+        i = int(np.searchsorted(xs, c, side="left"))
+        if xs[min(i, xs.size - 1)] == c:
+            break
+        lo, hi = pts[order[i - 1]], pts[order[i]]
+        if hi.avg_collateral - lo.avg_collateral <= rel_tol * c or lo.scale <= 0 or hi.scale <= 0:
+            break
+        mid = math.sqrt(lo.scale * hi.scale)
+        if mid in (lo.scale, hi.scale):
+            break
+        pts.append(_point(mid, run_fn(mid)))
+    return Frontier(family=frontier.family, points=tuple(pts), meta={**frontier.meta, "refined_at": c})
+
+
 def _rel_change(value: float, ref: Interpolated, what: str) -> tuple[float | None, str | None]:
     if ref.value is None:
         return None, ref.reason
@@ -133,8 +165,21 @@ def _rel_change(value: float, ref: Interpolated, what: str) -> tuple[float | Non
     return (value - ref.value) / ref.value, None
 
 
-def compare(result: Any, static_frontier: Frontier, bound_results: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _bracket(frontier: Frontier, c: float) -> list[float] | None:
+    x = np.array([p.avg_collateral for p in frontier.points])
+    if x.size == 0 or not math.isfinite(c) or c < x[0] or c > x[-1]:
+        return None
+    i = int(np.searchsorted(x, c, side="left"))
+    return [float(x[max(i - 1, 0)] if x[i] != c else c), float(x[i])]
+
+
+def compare(result: Any, static_frontier: Frontier, bound_results: Mapping[str, Any] | None = None, *,
+            run_static: Callable[[float], Any] | None = None) -> dict[str, Any]:
     """Compare a policy with the best static at its own average collateral, and with the bound.
+
+    Pass ``run_static`` (static IM level -> result, in the same setting as ``result``) to :func:`refine` the
+    static frontier at the policy's collateral first: linear interpolation between distant static levels
+    lies above a convex frontier and would credit the policy with a gain it does not have.
 
     Parameters
     ----------
@@ -153,10 +198,13 @@ def compare(result: Any, static_frontier: Frontier, bound_results: Mapping[str, 
         ``liquidations_change``, ``bad_debt_change`` (fractions at equal collateral; negative is fewer),
         ``share_of_bound_liquidations``, ``share_of_bound_bad_debt`` (policy change / bound change, both
         against the best static), ``best_static_liquidations``, ``best_static_bad_debt``,
-        ``avg_collateral``, and ``reason`` / ``reasons`` for every ``None``.
+        ``avg_collateral``, ``static_bracket`` (collateral of the static points interpolated between), and
+        ``reason`` / ``reasons`` for every ``None``.
     """
     c = float(result.avg_collateral)
-    out: dict[str, Any] = {"avg_collateral": c}
+    if run_static is not None:
+        static_frontier = refine(static_frontier, c, run_static)
+    out: dict[str, Any] = {"avg_collateral": c, "static_bracket": _bracket(static_frontier, c)}
     reasons: dict[str, str] = {}
     for metric in METRICS:
         ref = interpolate(static_frontier, c, metric)

@@ -9,7 +9,15 @@ import pandas as pd
 import pytest
 
 from margin.backtest import BacktestConfig, run_backtest
-from margin.frontier import Frontier, FrontierPoint, compare, frontier_from_results, interpolate, sweep
+from margin.frontier import (
+    Frontier,
+    FrontierPoint,
+    compare,
+    frontier_from_results,
+    interpolate,
+    refine,
+    sweep,
+)
 from margin.policies import PolicyContext, make_policy
 from margin.population import PopulationConfig, generate_population
 
@@ -99,3 +107,26 @@ def test_sweep_static_family_on_backtests():
     same = frontier_from_results("static", {0.05: run_backtest(bars, make_policy("static_0.05").path(ctx), pop, cfg)})
     assert same.points[0] == f.points[0]
     assert f.to_dict()["points"][0]["policy"] == "static_0.05"
+
+
+class TestRefine:
+    @staticmethod
+    def run(scale):
+        return R(avg_collateral=scale, liquidations=1.0 / scale, bad_debt=0.0, policy=f"static_{scale:g}")
+
+    def test_convex_frontier_chord_flatters_refine_removes_it(self):
+        coarse = sweep("static", (0.1, 0.5), self.run)
+        on_curve = R(avg_collateral=0.2, liquidations=5.0, bad_debt=0.0)  # a static level in disguise
+        naive = compare(on_curve, coarse)
+        assert naive["liquidations_change"] == pytest.approx(5.0 / 8.0 - 1.0)  # chord: 10 + 0.25 * (2 - 10)
+        assert naive["static_bracket"] == [0.1, 0.5]
+        fair = compare(on_curve, coarse, run_static=self.run)
+        assert abs(fair["liquidations_change"]) < 2e-3
+        lo, hi = fair["static_bracket"]
+        assert lo <= 0.2 <= hi and hi - lo <= 2e-3 * 0.2 * 1.0001
+
+    def test_refine_outside_range_unchanged(self):
+        coarse = sweep("static", (0.1, 0.5), self.run)
+        assert refine(coarse, 0.7, self.run).points == coarse.points
+        f = refine(coarse, 0.3, self.run, rel_tol=1e-2)
+        assert len(f.points) > 2 and f.meta["refined_at"] == 0.3
