@@ -687,6 +687,69 @@ def _sensitivity(inp: AssetInputs, cfg: RunConfig, ctx: Any, predictive_path: An
     return rows
 
 
+def check_policy_settings(cfg: RunConfig) -> None:
+    """Build every configured policy once (cheap), so a bad setting fails before any work."""
+    import inspect
+
+    from margin.policies import fit_predictive, make_policy
+
+    pol = cfg.policies
+    for name in ("ewma_ccp", "garch_fhs", "oracle_vol"):
+        try:
+            make_policy(name, **getattr(pol, name))
+        except ValueError as exc:
+            raise ValueError(f"policies.{name}: {exc}") from None
+    params = inspect.signature(fit_predictive).parameters
+    allowed = {k for k, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(pol.predictive) - allowed)
+    if unknown:
+        raise ValueError(f"policies.predictive: unknown key(s) {unknown}; known: {sorted(allowed)}")
+    bound = {k: v for k, v in pol.bound.items() if k != "grid"}
+    try:
+        make_policy("bound_liquidations", population=None, **bound)
+    except ValueError as exc:
+        raise ValueError(f"policies.bound: {exc}") from None
+
+
+def _evaluate_task(task: tuple[AssetInputs, RunConfig, bool]) -> AssetOutcome:
+    """Executor entry point (module level so that it pickles): one asset's backtests, no MLflow."""
+    inp, cfg, sens = task
+    return evaluate_asset(inp, cfg, sensitivity=sens)
+
+
+def evaluate_assets(
+    cfg: RunConfig, inputs: Mapping[str, AssetInputs], *, progress: Progress | None = None
+) -> dict[str, AssetOutcome]:
+    """Evaluate every asset, in parallel through ``volmargin.executor`` when ``training.executor.workers``
+    > 1 (workers compute and return; only the driver writes files and MLflow). Ordered as ``cfg.datasets``."""
+    from volmargin.executor import TaskError, make_executor
+
+    sens_assets = set(cfg.sensitivity.assets or [inputs[cfg.datasets[0]].asset])
+    ex = cfg.training.executor
+    done: dict[str, AssetOutcome] = {}
+    if ex.workers > 1 and len(cfg.datasets) > 1:
+        executor = make_executor(ex.backend, ex.workers, ex.address)
+        tasks = [(inputs[ds], cfg, inputs[ds].asset in sens_assets) for ds in cfg.datasets]
+        if progress:
+            progress("backtests (assets, in parallel)", 0, len(tasks))
+        try:
+            for i, res in executor.map_unordered(_evaluate_task, tasks):
+                done[cfg.datasets[i]] = res
+                log.info("%s evaluated in %.1fs", res.inputs.asset, res.seconds)
+                if progress:
+                    progress("backtests (assets, in parallel)", len(done), len(tasks))
+        except TaskError as exc:
+            if isinstance(exc.__cause__, ValueError | KeyError | TypeError | FileNotFoundError):
+                raise exc.__cause__ from None
+            raise
+    else:
+        for ds in cfg.datasets:
+            inp = inputs[ds]
+            done[ds] = evaluate_asset(inp, cfg, sensitivity=inp.asset in sens_assets, progress=progress)
+            log.info("%s evaluated in %.1fs", inp.asset, done[ds].seconds)
+    return {ds: done[ds] for ds in cfg.datasets}
+
+
 # ---------------------------------------------------------------------------- summary
 def _policy_entry(res: Any, coverage: Mapping[str, Any]) -> dict[str, Any]:
     return {
@@ -844,13 +907,9 @@ def run_job(
     out = Path(out_dir)
     uri = resolve_tracking_uri(cfg.tracking_uri, allow_file_store=cfg.allow_file_store)
     build_controls(cfg), build_population_config(cfg), build_backtest_config(cfg)  # fail fast on bad settings
+    check_policy_settings(cfg)
     inputs, training = load_assets(cfg, mode=mode, progress=progress)
-    outcomes: dict[str, AssetOutcome] = {}
-    sens_assets = set(cfg.sensitivity.assets or [inputs[cfg.datasets[0]].asset])
-    for ds in cfg.datasets:
-        inp = inputs[ds]
-        outcomes[ds] = evaluate_asset(inp, cfg, sensitivity=inp.asset in sens_assets, progress=progress)
-        log.info("%s evaluated in %.1fs", inp.asset, outcomes[ds].seconds)
+    outcomes = evaluate_assets(cfg, inputs, progress=progress)
     chash = config_hash(cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.name)

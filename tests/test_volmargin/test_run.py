@@ -214,6 +214,8 @@ class TestConfigErrors:
             ({"backtest": {"liquidation": {"penalty": 0.1}}}, "backtest.liquidation: unknown key 'penalty'"),
             ({"sensitivity": {"vary": {"population.levrage": [1.0]}}}, "unknown field 'levrage'"),
             ({"controls": {"floor": 0.3, "ceiling": 0.2}}, "controls.floor"),
+            ({"policies": {"ewma_ccp": {"tool": "buffer"}}}, "policies.ewma_ccp"),
+            ({"policies": {"predictive": {"round": 1}}}, "policies.predictive: unknown key(s) ['round']"),
         ],
     )
     def test_bad_config_exits_2_naming_the_key(self, tmp_path: Path, change: dict, needle: str) -> None:
