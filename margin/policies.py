@@ -540,6 +540,7 @@ def fit_predictive(
     max_positions: int | None = 20_000,
     rounds: int = 2,
     refine: bool = True,
+    target_avg_im: float | None = None,
     start: Any = None,
 ) -> PredictivePolicy:
     """Fit :class:`PredictivePolicy` on origins BEFORE ``ctx.cut`` by coordinate search over a grid.
@@ -552,7 +553,10 @@ def fit_predictive(
 
     The search: coordinate descent over ``grid`` (``rounds`` passes over level, power, stress, omega, floor
     and mm_binds, keeping every improvement), then (``refine``) a finer look at level and power between
-    their grid neighbours. Returns the fitted policy; ``policy.fitted`` records the weights, the best objective and its parts,
+    their grid neighbours. With ``target_avg_im`` the level is not searched: for every candidate shape it is
+    solved so that the controlled IM averages ``target_avg_im`` over the bars before the cut, so the fit
+    picks the best SHAPE at the capital of ``static_<target_avg_im>`` (the claim compares policies at equal
+    collateral). Returns the fitted policy; ``policy.fitted`` records the weights, the best objective and its parts,
     the number of evaluations and the search path.
     """
     from margin.backtest import BacktestConfig, _bars_per_day, run_backtest
@@ -593,16 +597,34 @@ def fit_predictive(
         g["stress"] = (0.0,)
     end = ctx.bars.index[k] if k < len(ctx.bars) else None
     cache: dict[tuple[float, ...], dict[str, float]] = {}
-    names = ("level", "power", "stress", "omega", "floor", "release", "mm_binds")
+    names: tuple[str, ...] = ("level", "power", "stress", "omega", "floor", "release", "mm_binds")
+    if target_avg_im is not None:
+        if not 0.0 < target_avg_im <= 1.0:
+            raise ValueError(f"target_avg_im must be in (0, 1], got {target_avg_im!r}")
+        names = names[1:]
+        g["level"] = (float(target_avg_im),)
 
-    def evaluate(p: dict[str, float]) -> dict[str, float]:
+    def solve_level(p: dict[str, Any]) -> tuple[float, MarginPath]:
+        lv = float(p["level"])
+        path = PredictivePolicy(**{**p, "level": lv}, sigma_ref=ref).path(ctx)
+        for _ in range(8):
+            m = float(np.mean(path.im_rate[:k]))
+            if abs(m / target_avg_im - 1.0) < 1e-3:
+                break
+            lv = min(max(lv * target_avg_im / m, 1e-4), 10.0)
+            path = PredictivePolicy(**{**p, "level": lv}, sigma_ref=ref).path(ctx)
+        return lv, path
+
+    def evaluate(p: dict[str, Any]) -> dict[str, float]:
         key = tuple(p[n] for n in names)
         if key not in cache:
-            pol = PredictivePolicy(**p, sigma_ref=ref)
-            path = pol.path(ctx)
+            if target_avg_im is None:
+                lv, path = p["level"], PredictivePolicy(**p, sigma_ref=ref).path(ctx)
+            else:
+                lv, path = solve_level(p)
             res = run_backtest(ctx.bars, path, pop, cfg, start=start, end=end)
             obj = scale * (res.bad_debt + alpha * res.liquidations + beta * res.collateral_locked)
-            cache[key] = {"objective": obj, "bad_debt": scale * res.bad_debt,
+            cache[key] = {"objective": obj, "level": lv, "bad_debt": scale * res.bad_debt,
                           "liquidations": scale * res.liquidations,
                           "collateral_locked": scale * res.collateral_locked, "avg_collateral": res.avg_collateral}
         return cache[key]
@@ -627,7 +649,7 @@ def fit_predictive(
             break
     # refine the continuous parameters between their grid neighbours (three points on each side)
     for n in ("level", "power"):
-        if refine and len(g[n]) > 1:
+        if refine and len(g[n]) > 1 and n in names:
             vals = sorted(g[n])
             i = vals.index(cur[n]) if cur[n] in vals else int(np.argmin(np.abs(np.asarray(vals) - cur[n])))
             lo_v, hi_v = vals[max(i - 1, 0)], vals[min(i + 1, len(vals) - 1)]
@@ -637,7 +659,8 @@ def fit_predictive(
                 if r["objective"] < best["objective"] - 1e-9 * max(1.0, abs(best["objective"])):
                     cur, best = cand, r
                     trace.append({**cur, **best})
-    fitted = {"alpha": alpha, "beta": beta, "objective": best, "evaluations": len(cache), "trace": trace,
+    cur = {**cur, "level": float(best["level"])}
+    fitted = {"alpha": alpha, "beta": beta, "target_avg_im": target_avg_im, "objective": best, "evaluations": len(cache), "trace": trace,
               "n_positions_fit": len(pop), "fit_end": str(end), "sigma_ref": ref}
     log.info("predictive fitted: %s objective %.4g (%d evaluations)", cur, best["objective"], len(cache))
     return PredictivePolicy(**cur, sigma_ref=ref, fitted=fitted)

@@ -230,6 +230,17 @@ class TestPredictive:
         # the fitted objective is the minimum over the grid points it evaluated
         assert a.fitted["objective"]["objective"] == min(t["objective"] for t in a.fitted["trace"])
 
+    def test_fit_at_target_average_im(self):
+        bars, sig = market(240, seed=5)
+        ctx = PolicyContext(bars=bars, forecast=forecast_for(bars, sig), cut=bars.index[160])
+        pop = generate_population(240, PopulationConfig(n_positions=1000, seed=3))
+        grid = {"power": (0.0, 1.0), "omega": (0.5,), "floor": (0.01,), "release": (1.0,), "mm_binds": ("path",)}
+        pol = fit_predictive(ctx, pop, BacktestConfig(), grid=grid, target_avg_im=0.08)
+        assert np.mean(pol.path(ctx).im_rate[:160]) == pytest.approx(0.08, rel=2e-3)
+        assert pol.fitted["target_avg_im"] == 0.08 and pol.fitted["evaluations"] == 4  # 2 powers + 2 refined
+        with pytest.raises(ValueError, match=r"target_avg_im must be in \(0, 1\], got 2"):
+            fit_predictive(ctx, pop, BacktestConfig(), grid=grid, target_avg_im=2)
+
     def test_fit_needs_cut(self):
         bars, sig = market(50)
         with pytest.raises(ValueError, match="needs ctx.cut"):
