@@ -394,8 +394,12 @@ def run_backtest(
     hold_all = population.hold_bars
     exposure = 0.0
 
+    n_starts = len(starts)
     for t in range(i0, i1 + 1):
         j = t - i0
+        if not b_qty.size and (t == i1 or (starts[j + 1] if j + 1 < n_starts else hi_ptr) == starts[j]):
+            s_fund[j] = fund  # nothing open, nothing opening: the ledger cannot move
+            continue
         if b_qty.size:
             ot, ct = o_[t], c_[t]
             # 1. funding at the open
