@@ -123,8 +123,12 @@ def verdict(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
                 mine = _f(pred.get(f"{metric}_change"))
                 theirs = _f(comp.get(f"{rival}_vs_best_static", {}).get(f"{metric}_change"))
                 if mine is None or theirs is None:
+                    a_mine, a_theirs = _f(pol.get("predictive", {}).get(metric)), _f(pol.get(rival, {}).get(metric))
+                    absolute = ("" if a_mine is None or a_theirs is None else
+                                f"; absolute {metric.replace('_', ' ')}: predictive {a_mine:,.0f}, {rival} {a_theirs:,.0f}")
                     rows.append({"scope": asset, "check": f"beats {rival} on {metric} (vs best static)",
-                                 "passed": None, "detail": f"predictive {_pct(mine)}, {rival} {_pct(theirs)}"})
+                                 "passed": None, "detail": f"relative change undefined (predictive {_pct(mine)}, "
+                                 f"{rival} {_pct(theirs)}){absolute}"})
                 else:
                     ok = mine < theirs
                     gap = "" if ok else f"; short by {100 * (mine - theirs):.1f} points"
@@ -358,7 +362,7 @@ def render_report(data: ReportData) -> str:
             ("liquidated_notional", "liq. notional", "money"), ("bad_debt", "bad debt", "money"),
             ("fund_draw", "fund draw", "money"), ("avg_im", "avg IM", "frac"),
             ("avg_collateral", "avg collateral", "frac"), ("traffic_light", "traffic light", "g"),
-            ("breach_rate", "breach rate", "frac"), ("kupiec_p", "Kupiec p", "g"), ("christoffersen_p", "Chr. p", "g"),
+            ("breach_rate", "1-bar breach rate", "frac"), ("kupiec_p", "Kupiec p (h-bar)", "g"), ("christoffersen_p", "Christoffersen p", "g"),
         ]))
         crow = [{"comparison": k, **v} for k, v in a.comparison.items()]
         parts.append(_table(crow, [
