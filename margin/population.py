@@ -169,12 +169,27 @@ class Population:
     cfg: PopulationConfig = field(default_factory=PopulationConfig)
 
     def __post_init__(self) -> None:
+        for name, dt in (("open_bar", np.int64), ("hold_bars", np.int64), ("side", np.float64),
+                         ("leverage_draw", np.float64), ("notional", np.float64), ("topup_u", np.float64)):
+            object.__setattr__(self, name, np.array(getattr(self, name), dtype=dt))  # own, read-only copies
         n = len(self.open_bar)
         for name in ("hold_bars", "side", "leverage_draw", "notional", "topup_u"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"population.{name} has length {len(getattr(self, name))}, expected {n}")
         if n and np.any(np.diff(self.open_bar) < 0):
             raise ValueError("population.open_bar must be sorted ascending")
+        checks = (
+            ("open_bar", (self.open_bar < 0) | (self.open_bar >= self.n_bars), f"in [0, n_bars={self.n_bars})"),
+            ("hold_bars", self.hold_bars < 1, ">= 1"),
+            ("side", (self.side != 1.0) & (self.side != -1.0), "+1 or -1"),
+            ("leverage_draw", ~(self.leverage_draw >= 1.0), ">= 1"),
+            ("notional", ~(self.notional > 0.0) | ~np.isfinite(self.notional), "finite and > 0"),
+            ("topup_u", ~((self.topup_u >= 0.0) & (self.topup_u < 1.0)), "in [0, 1)"),
+        )
+        for name, bad, expected in checks:
+            if n and bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"population.{name} must be {expected}, got {getattr(self, name)[i].item()!r} at position {i}")
         for name in ("open_bar", "hold_bars", "side", "leverage_draw", "notional", "topup_u"):
             getattr(self, name).setflags(write=False)
 

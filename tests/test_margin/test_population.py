@@ -82,6 +82,20 @@ class TestErrors:
         with pytest.raises(ValueError, match="n_bars must be an integer >= 2"):
             generate_population(1)
 
+    def test_bad_arrays_rejected(self):
+        z = np.zeros(2)
+        base = {"open_bar": np.array([0, 1]), "hold_bars": np.ones(2, int), "side": z + 1, "leverage_draw": z + 2,
+                "notional": z + 1, "topup_u": z, "n_bars": 5}
+        for name, value, match in (("hold_bars", np.array([1, 0]), "population.hold_bars must be >= 1, got 0"),
+                                   ("side", np.array([1.0, 0.5]), "population.side must be"),
+                                   ("notional", np.array([1.0, -1.0]), "population.notional must be finite"),
+                                   ("open_bar", np.array([0, 5]), r"population.open_bar must be in \[0, n_bars=5\)")):
+            with pytest.raises(ValueError, match=match):
+                Population(**{**base, name: value})
+        arr = np.array([0.5, 0.5])
+        p = Population(**{**base, "topup_u": arr})
+        assert arr.flags.writeable and not p.topup_u.flags.writeable  # the caller's array is not touched
+
     def test_unsorted_rejected(self):
         z = np.zeros(2)
         with pytest.raises(ValueError, match="sorted"):
