@@ -20,7 +20,7 @@ import pandas as pd
 from training.evaluation import evaluate_asset, held_out_table
 from training.registry import best_candidate, register_and_promote
 from training.tracking import TrainingTracker, atomic_write_text, resolve_tracking_uri
-from training.walk_forward import WalkForwardResult, WalkForwardTask, cut_timestamp, run_tasks
+from training.walk_forward import TaskFailure, WalkForwardResult, WalkForwardTask, cut_timestamp, run_tasks
 
 __all__ = ["JobResult", "run_training", "load_features", "build_tasks"]
 
@@ -141,10 +141,15 @@ def run_training(
             tracker.log_job_artifact(config_path, "config")
         results: dict[str, dict[str, WalkForwardResult]] = {ds: {} for ds in cfg.datasets}
         done = 0
+        failures: dict[str, dict[str, str]] = {ds: {} for ds in cfg.datasets}
         for i, res in run_tasks(tasks, executor):
-            results[tasks[i].asset][tasks[i].model_key] = res
             done += 1
-            log.info("walk-forward %s / %s done in %.1fs", res.asset, res.model, res.seconds)
+            if isinstance(res, TaskFailure):
+                log.error("walk-forward %s / %s failed: %s", res.asset, res.model, res.error)
+                failures[res.asset][res.model] = res.error
+            else:
+                results[tasks[i].asset][tasks[i].model_key] = res
+                log.info("walk-forward %s / %s done in %.1fs", res.asset, res.model, res.seconds)
             if progress:
                 progress("walk-forward", done, len(tasks))
         evaluation: dict[str, Any] = {
@@ -155,16 +160,19 @@ def run_training(
         }
         schedule = cfg.walk_forward.model_dump()
         for j, ds in enumerate(cfg.datasets):
-            ordered = {m.key: results[ds][m.key] for m in cfg.models}
+            ordered = {m.key: results[ds][m.key] for m in cfg.models if m.key in results[ds]}
+            if not ordered:
+                raise RuntimeError(f"{ds}: every model failed: {failures[ds]}")
             ev = evaluate_asset(
                 ordered,
-                baselines={m.key: cfg.baselines_for(m.key) for m in cfg.models},
+                baselines={k: [b for b in cfg.baselines_for(k) if b in ordered] for k in ordered},
                 var_levels=cfg.var_levels,
                 mcs_size=cfg.promotion.mcs_size,
                 mcs_reps=cfg.promotion.mcs_reps,
                 seed=cfg.seed,
             )
             ev["asset_label"] = frames[ds][0]
+            ev["failed"] = failures[ds]
             cand = best_candidate(ev)
             logged = tracker.log_asset(
                 ds,

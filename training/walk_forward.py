@@ -43,6 +43,7 @@ __all__ = [
     "make_folds",
     "walk_forward",
     "run_task",
+    "TaskFailure",
     "run_tasks",
     "cut_timestamp",
 ]
@@ -273,7 +274,22 @@ def walk_forward(task: WalkForwardTask, progress: Callable[[int, int], None] | N
                 refits += 1
             else:
                 model.update(frame.iloc[i : i + 1])
-            parts.append(model.predict_variance(H))
+            try:
+                parts.append(model.predict_variance(H))
+            except (ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError) as exc:
+                if not parts:
+                    raise
+                # a non-finite or failed forecast: carry the previous origin's forecast, counted and logged
+                log.warning("%s %s: forecast at %s failed (%s); previous forecast carried", task.asset,
+                            task.model_key, idx[i], exc)
+                prev = parts[-1]
+                parts.append(
+                    VolatilityForecast(origins=pd.DatetimeIndex([frame.index[i]]), variance=prev.variance,
+                                       model=prev.model, version=prev.version, quantiles=prev.quantiles,
+                                       quantile_levels=prev.quantile_levels, regime_probs=prev.regime_probs,
+                                       regime_names=prev.regime_names)
+                )
+                fbs += 1
         records.append(
             FoldRecord(
                 fold=fold.index,
@@ -352,9 +368,22 @@ def _seed_everything(seed: int) -> None:
         pass
 
 
-def run_task(task: WalkForwardTask) -> WalkForwardResult:
-    """Executor entry point (module-level so that it pickles)."""
-    return walk_forward(task)
+@dataclass(frozen=True)
+class TaskFailure:
+    """A walk-forward task that raised: reported by the job, never silently dropped."""
+
+    asset: str
+    model: str
+    error: str
+
+
+def run_task(task: WalkForwardTask) -> WalkForwardResult | TaskFailure:
+    """Executor entry point (module-level so that it pickles); an exception becomes a ``TaskFailure``."""
+    try:
+        return walk_forward(task)
+    except Exception as exc:  # one failed model must not sink the other (asset, model) tasks
+        log.exception("walk-forward %s / %s failed", task.asset, task.model_key)
+        return TaskFailure(task.asset, task.model_key, f"{type(exc).__name__}: {exc}")
 
 
 def run_tasks(tasks: Sequence[WalkForwardTask], executor: Any = None) -> Iterator[tuple[int, WalkForwardResult]]:

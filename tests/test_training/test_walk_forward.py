@@ -133,6 +133,21 @@ class TestWalkForward:
         assert res.n_fallbacks == 2  # the fits on 120 and 160 bars raise
         assert np.all(np.isfinite(res.forecast.variance))
 
+    def test_failed_forecast_carries_previous_and_is_counted(self):
+        frame = synthetic_frame(200)
+        res = walk_forward(make_task(frame, model="_flaky_test", params={"scale": 2.0}, horizon=1, refit_every=1000, block=1000))
+        # the scale-2 model's forecast at bar 150 is infinite: the origin-149 forecast is carried
+        i = 150 - 99
+        assert res.forecast.variance[i, 0] == res.forecast.variance[i - 1, 0]
+        assert res.forecast.origins[i] == frame.index[150]
+        assert res.n_fallbacks == 1
+
+    def test_failed_task_is_reported_not_raised(self):
+        from training.walk_forward import TaskFailure, run_task
+
+        out = run_task(make_task(synthetic_frame(200), model="_flaky_test", min_train=120))
+        assert isinstance(out, TaskFailure) and "did not converge" in out.error
+
     def test_executor_processes_match_in_process(self):
         from volmargin.executor import Executor
 
@@ -183,7 +198,10 @@ class _FlakyForecaster(Forecaster):
         pass
 
     def _predict(self, horizon):
-        return self._forecast(np.full(horizon, self.v_))
+        v = self.v_
+        if self.scale == 2.0 and self.n_obs_ == 151:
+            v = np.inf  # one broken forecast (the base class rejects it)
+        return self._forecast(np.full(horizon, v))
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,8 @@ def train(
         )
     _table_console().print(table)
     for ds, ev in result.evaluation["assets"].items():
+        for key, err in ev.get("failed", {}).items():
+            console.print(f"[bold yellow]warning:[/] {ds} / {key} failed and is left out: {err}")
         d = ev.get("decision")
         if d:
             verdict = "promoted" if d["promoted"] else "kept"
