@@ -1,7 +1,7 @@
 """Networks of the neural volatility-regime forecasters (PyTorch, CPU).
 
 Both encoders read a window ``(batch, L, F)`` of standardized per-bar features and end in the same
-:class:`Heads`:
+:class:`Heads`, plus a linear skip from the last bar's features to the log-variance:
 
 * ``log_var`` ``(batch, H)`` — log of the per-step variance at steps ``1..H``;
 * ``regime_logits`` ``(batch, K)`` — next-bar regime;
@@ -16,6 +16,17 @@ import torch
 from torch import nn
 
 __all__ = ["Heads", "GRUNet", "TCNNet", "build_network"]
+
+
+def _linear_skip(n_features: int, horizon: int) -> nn.Linear:
+    """Linear map from the last bar's standardized features to the log-variance (zero at start).
+
+    With the log HAR means among the inputs this makes every network a superset of a log-HAR
+    regression, which keeps small training windows from doing worse than the linear model.
+    """
+    lin = nn.Linear(n_features, horizon, bias=False)
+    nn.init.zeros_(lin.weight)
+    return lin
 
 
 class Heads(nn.Module):
@@ -50,10 +61,13 @@ class GRUNet(nn.Module):
         self.rnn = nn.GRU(n_features, hidden, batch_first=True)
         self.drop = nn.Dropout(dropout)
         self.heads = Heads(hidden, horizon, n_regimes, n_quantiles)
+        self.skip = _linear_skip(n_features, horizon)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         _, h = self.rnn(x)
-        return self.heads(self.drop(h[-1]))
+        out = self.heads(self.drop(h[-1]))
+        out["log_var"] = out["log_var"] + self.skip(x[:, -1, :])
+        return out
 
 
 class _CausalBlock(nn.Module):
@@ -92,10 +106,13 @@ class TCNNet(nn.Module):
         self.net = nn.Sequential(*blocks)
         self.drop = nn.Dropout(dropout)
         self.heads = Heads(hidden, horizon, n_regimes, n_quantiles)
+        self.skip = _linear_skip(n_features, horizon)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.net(x.transpose(1, 2))[:, :, -1]
-        return self.heads(self.drop(h))
+        out = self.heads(self.drop(h))
+        out["log_var"] = out["log_var"] + self.skip(x[:, -1, :])
+        return out
 
 
 def build_network(
