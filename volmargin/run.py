@@ -847,11 +847,36 @@ def _report_asset(out: AssetOutcome) -> Any:
     )
 
 
-def _forecast_quality(training: Mapping[str, Any]) -> pd.DataFrame:
+def _champion_quality(outcomes: Mapping[str, AssetOutcome]) -> pd.DataFrame:
+    """Pre-cut and held-out QLIKE of each asset's champion table against its proxy (``y.*`` columns), for
+    ``volmargin backtest`` where no training evaluation is at hand."""
+    from training.metrics import qlike
+
+    rows = []
+    for o in outcomes.values():
+        t = o.inputs.table
+        h = sorted((c for c in t.columns if c.startswith("h.")), key=lambda c: int(c[2:]))
+        y = [f"y.{c[2:]}" for c in h]
+        if not set(y) <= set(t.columns):
+            continue
+        idx = pd.DatetimeIndex(t.index)
+        steps = len(h)
+        pos = np.arange(len(t))
+        cut_pos = int(idx.searchsorted(o.inputs.cut))
+        masks = {"pre": pos + steps < cut_pos, "held_out": pos >= cut_pos}
+        row: dict[str, Any] = {"asset": o.inputs.asset, "model": o.inputs.champion.get("model_key"), "champion": True}
+        for k, m in masks.items():
+            row[f"qlike_{k}"] = _finite(qlike(t.loc[m, y].to_numpy().ravel(), t.loc[m, h].to_numpy().ravel()))
+        row["n_held_out"] = int(masks["held_out"].sum())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _forecast_quality(training: Mapping[str, Any], outcomes: Mapping[str, AssetOutcome] | None = None) -> pd.DataFrame:
     from training.evaluation import held_out_table
 
     if not training.get("assets"):
-        return pd.DataFrame()
+        return _champion_quality(outcomes or {})
     df = held_out_table({"assets": training["assets"]})
     labels = {ds: ev.get("asset_label", ds) for ds, ev in training["assets"].items()}
     df["asset"] = df["asset"].map(lambda d: labels.get(d, d))
@@ -950,7 +975,7 @@ def run_job(
             title=f"volmargin {mode}: {cfg.name}",
             summary=summary,
             assets=[_report_asset(o) for o in outcomes.values()],
-            forecast_quality=_forecast_quality(training),
+            forecast_quality=_forecast_quality(training, outcomes),
             data_quality={o.inputs.dataset: o.inputs.quality for o in outcomes.values()},
             sensitivity=sens,
             config=cfg.model_dump(mode="json"),

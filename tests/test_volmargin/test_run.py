@@ -149,6 +149,23 @@ class TestSummary:
         assert {"summary.json", "report.html", "details.json", "config.json"} <= names
         assert any(k.startswith("assets.SYN.policies.predictive") for k in run.data.metrics)
 
+    def test_champion_quality_matches_the_training_evaluation(self, tiny: dict) -> None:
+        """The backtest-only forecast-quality table (from the pinned table) equals the training job's QLIKE."""
+        from types import SimpleNamespace
+
+        from volmargin.run import _champion_quality, load_assets
+
+        cfg = load_config(tiny["config"], "run")
+        inputs, _ = load_assets(cfg, mode="backtest")
+        got = _champion_quality({k: SimpleNamespace(inputs=v) for k, v in inputs.items()}).iloc[0]
+        d = json.loads((tiny["outs"][1] / "details.json").read_text())
+        ev_path = Path(cfg.artifacts_dir) / "train" / d["training_run_ids"][0] / "evaluation.json"
+        ev = json.loads(ev_path.read_text())["assets"][tiny["dataset"]]
+        champ = ev["models"][ev["champion"]]
+        assert got["model"] == ev["champion"]
+        assert got["qlike_pre"] == pytest.approx(champ["pre_cut"]["qlike"], rel=1e-12)
+        assert got["qlike_held_out"] == pytest.approx(champ["held_out"]["qlike"], rel=1e-12)
+
     def test_report_is_standalone(self, tiny: dict) -> None:
         html = (tiny["outs"][0] / "report.html").read_text()
         assert "http://" not in html and "https://" not in html
