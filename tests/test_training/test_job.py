@@ -12,7 +12,13 @@ from training.job import run_training
 from volmargin.config import TrainConfig
 
 
-def _cfg(tmp_path, name="job-test", **over):
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    """One SQLite store for the module (creating an MLflow database takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"
+
+
+def _cfg(tmp_path, name="job-test", db=None, **over):
     data = {
         "name": name,
         "seed": 1,
@@ -22,7 +28,7 @@ def _cfg(tmp_path, name="job-test", **over):
         "walk_forward": {"min_train": 120, "refit_every": 40},  # _flaky_test raises on 120 and 160 bars
         "models": [{"name": "ewma"}, {"name": "ewma", "label": "ewma80", "params": {"lam": 0.8}}, {"name": "har"}],
         "promotion": {"mcs_reps": 100},
-        "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        "tracking_uri": db or f"sqlite:///{tmp_path / 'mlruns.db'}",
         "artifacts_dir": str(tmp_path / "artifacts"),
     }
     data.update(over)
@@ -40,12 +46,12 @@ def _frame(perturb_after_cut: bool = False):
     return f
 
 
-def test_held_out_data_never_changes_the_choice(tmp_path):
+def test_held_out_data_never_changes_the_choice(tmp_path, db):
     from training.registry import decide
 
     promo = {"register_models": False, "mcs_reps": 100}
-    r1 = run_training(_cfg(tmp_path / "a", promotion=promo), loader=lambda ds: ("A", _frame()))
-    r2 = run_training(_cfg(tmp_path / "b", promotion=promo), loader=lambda ds: ("A", _frame(perturb_after_cut=True)))
+    r1 = run_training(_cfg(tmp_path / "a", db=db, promotion=promo), loader=lambda ds: ("A", _frame()))
+    r2 = run_training(_cfg(tmp_path / "b", db=db, promotion=promo), loader=lambda ds: ("A", _frame(perturb_after_cut=True)))
     a1, a2 = r1.evaluation["assets"]["syn:A"], r2.evaluation["assets"]["syn:A"]
     for k in ("ewma", "ewma80", "har"):
         assert a1["models"][k]["pre_cut"] == a2["models"][k]["pre_cut"]
@@ -61,8 +67,8 @@ def test_held_out_data_never_changes_the_choice(tmp_path):
     assert len(df) == 3 and list(df["model"]) == ["ewma", "ewma80", "har"]
 
 
-def test_second_job_challenger_gate(tmp_path):
-    cfg = _cfg(tmp_path)
+def test_second_job_challenger_gate(tmp_path, db):
+    cfg = _cfg(tmp_path, db=db)
     run_training(cfg, loader=lambda ds: ("A", _frame()))
     r2 = run_training(cfg, loader=lambda ds: ("A", _frame()))
     d = r2.evaluation["assets"]["syn:A"]["decision"]
@@ -94,9 +100,9 @@ def test_bad_tracking_uri_fails_before_work(tmp_path):
     assert np.isfinite(1.0)
 
 
-def test_failed_model_reported_and_left_out(tmp_path):
+def test_failed_model_reported_and_left_out(tmp_path, db):
     cfg = _cfg(
-        tmp_path, models=[{"name": "ewma"}, {"name": "_flaky_test"}], promotion={"register_models": False, "mcs_reps": 50}
+        tmp_path, db=db, models=[{"name": "ewma"}, {"name": "_flaky_test"}], promotion={"register_models": False, "mcs_reps": 50}
     )
     ev = run_training(cfg, loader=lambda ds: ("A", _frame())).evaluation["assets"]["syn:A"]
     assert set(ev["models"]) == {"ewma"}
