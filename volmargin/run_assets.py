@@ -264,6 +264,10 @@ def _compare_entry(norm: Mapping[str, Any], froz: Mapping[str, Any]) -> tuple[di
         "share_of_bound_liquidations": _finite(froz.get("share_of_bound_liquidations")),
         "share_of_bound_bad_debt": _finite(froz.get("share_of_bound_bad_debt")),
     }
+    if "best_static_liquidations" in norm:  # the static reference at the policy's collateral (refined frontier)
+        entry["best_static_liquidations"] = _finite(norm.get("best_static_liquidations"))
+        entry["best_static_bad_debt"] = _finite(norm.get("best_static_bad_debt"))
+        entry["static_bracket"] = norm.get("static_bracket")
     reasons = {}
     for k in ("liquidations_change", "bad_debt_change"):
         if entry[k] is None:
@@ -347,8 +351,16 @@ def evaluate_asset(
         tick()
     comparison: dict[str, dict[str, Any]] = {}
     reasons: dict[str, dict[str, str]] = {}
+    def run_static(level: float, c: Any = bt) -> Any:
+        # a static level between two grid points: the static frontier is convex in collateral, so the chord
+        # between distant levels lies above it and would credit a policy with a gain it does not have
+        return run(make_policy(static_name(level)).path(ctx), c)
+
     for name in ADAPTIVE:
-        entry, why = _compare_entry(compare(results[name], static_front), compare(frozen[name], static_front_f, bound_fronts))
+        entry, why = _compare_entry(
+            compare(results[name], static_front, run_static=run_static),
+            compare(frozen[name], static_front_f, bound_fronts, run_static=lambda lv: run_static(lv, btf)),
+        )
         comparison[f"{name}_vs_best_static"] = entry
         if why:
             reasons[f"{name}_vs_best_static"] = why

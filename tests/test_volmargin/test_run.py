@@ -97,9 +97,11 @@ class TestSummary:
                 assert p["max_im_increase_5d"] == 0.0
         assert set(a["comparison"]) == {f"{k}_vs_best_static" for k in
                                         ("ewma_ccp", "garch_fhs", "predictive", "oracle_vol", "bound")}
-        for c in a["comparison"].values():
-            assert set(c) == COMPARISON_KEYS
-            assert all(_is_num_or_null(v) for v in c.values())
+        for name, c in a["comparison"].items():
+            extra = set(c) - COMPARISON_KEYS  # the static reference is recorded beside the contract keys
+            assert COMPARISON_KEYS <= set(c), name
+            assert extra <= {"best_static_liquidations", "best_static_bad_debt", "static_bracket"}, name
+            assert all(_is_num_or_null(c[k]) for k in COMPARISON_KEYS | (extra - {"static_bracket"}))
         assert set(s["comparison"]) == {"predictive_vs_best_static", "bound_vs_best_static"}
         for key, c in s["comparison"].items():
             assert set(c) == POOLED_KEYS
@@ -112,18 +114,22 @@ class TestSummary:
         assert isinstance(s["mlflow_run_id"], str) and s["mlflow_run_id"]
 
     def test_changes_match_the_static_frontier(self, tiny: dict) -> None:
-        """Recompute a change by hand from details.json: linear interpolation of the static envelope."""
+        """The change is (policy - best static) / best static, where the best static is read off the static
+        frontier refined at the policy's collateral: inside the bracket of the grid levels, never wider."""
         s = json.loads((tiny["outs"][0] / "summary.json").read_text())
         d = json.loads((tiny["outs"][0] / "details.json").read_text())["assets"]["SYN"]
         m = d["metrics"]
         pts = sorted((m[k]["avg_collateral"], m[k]["liquidations"]) for k in m if k.startswith("static"))
         x = np.array([p[0] for p in pts])
-        y = np.minimum.accumulate(np.array([p[1] for p in pts]))
         c = m["predictive"]["avg_collateral"]
-        got = s["assets"]["SYN"]["comparison"]["predictive_vs_best_static"]["liquidations_change"]
-        if x[0] <= c <= x[-1] and np.interp(c, x, y) > 0:
-            ref = np.interp(c, x, y)
+        entry = s["assets"]["SYN"]["comparison"]["predictive_vs_best_static"]
+        got = entry["liquidations_change"]
+        ref = entry["best_static_liquidations"]
+        if x[0] <= c <= x[-1] and ref:
             assert got == pytest.approx((m["predictive"]["liquidations"] - ref) / ref, rel=1e-9)
+            lo, hi = entry["static_bracket"]
+            i = int(np.searchsorted(x, c))
+            assert lo <= c <= hi and hi - lo <= x[min(i, len(x) - 1)] - x[max(i - 1, 0)] + 1e-12
         else:
             assert got is None
 
