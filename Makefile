@@ -26,6 +26,7 @@ demo: $(STAMP)
 	@for s in $(DEMO_SETS); do \
 	  $(BIN)/volmargin data prepare --source bundled:$$s --out artifacts/data/$$(basename $$s) || exit $$?; \
 	done
+	$(BIN)/volmargin run --config configs/demo.yaml --out artifacts/demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .
