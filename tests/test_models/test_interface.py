@@ -175,13 +175,19 @@ def _pyfunc_params():
     return [pytest.param(n, marks=() if n in PYFUNC_FAST else pytest.mark.slow) for n in NAMES]
 
 
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One sqlite tracking store per module (creating its tables takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlruns.db"
+
+
 @pytest.mark.parametrize("name", _pyfunc_params())
-def test_mlflow_pyfunc_round_trip(name, data, fitted, tmp_path, monkeypatch):
+def test_mlflow_pyfunc_round_trip(name, data, fitted, mlflow_uri, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     from models.pyfunc import load_forecaster, log_forecaster, to_model_input
 
     _, A, B = data
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    uri = mlflow_uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     try:
