@@ -173,7 +173,7 @@ def run_training(
             )
             ev["asset_label"] = frames[ds][0]
             ev["failed"] = failures[ds]
-            cand = best_candidate(ev)
+            cand = best_candidate(ev, cfg.promotion.max_traffic_light)
             logged = tracker.log_asset(
                 ds,
                 ordered,

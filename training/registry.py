@@ -3,7 +3,9 @@
 MLflow 3 has no stages; the registry uses aliases. The gate reads only the **pre-cut** section of the
 evaluation (held-out folds never influence a choice):
 
-* no champion yet → the model with the lowest pre-cut QLIKE inside the pre-cut MCS becomes champion;
+* no champion yet → the model with the lowest pre-cut QLIKE inside the pre-cut MCS becomes champion
+  (members with a pre-cut 99% VaR traffic light worse than ``max_traffic_light`` are skipped while
+  another member passes: the champion passes the risk check a challenger must pass);
 * otherwise the best candidate (same rule) becomes ``challenger`` and replaces the champion only if it has
   a lower pre-cut QLIKE, a one-sided Diebold-Mariano p-value below ``dm_alpha`` against the champion, MCS
   membership, and a pre-cut 99% VaR traffic light no worse than ``max_traffic_light``.
@@ -22,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from training.tracking import atomic_write_text
 
@@ -84,8 +88,16 @@ def _pre(evaluation: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return evaluation["models"][key].get("pre_cut", {})
 
 
-def best_candidate(evaluation: Mapping[str, Any]) -> str | None:
-    """Model with the lowest pre-cut QLIKE among the pre-cut MCS members (all models if no MCS)."""
+def _zone(evaluation: Mapping[str, Any], key: str) -> str | None:
+    return _pre(evaluation, key).get("var", {}).get("0.99", {}).get("traffic_light")
+
+
+def best_candidate(evaluation: Mapping[str, Any], max_traffic_light: str | None = None) -> str | None:
+    """Model with the lowest pre-cut QLIKE among the pre-cut MCS members (all models if no MCS).
+
+    With ``max_traffic_light``, members whose pre-cut 99% VaR zone is worse are skipped (when at least
+    one member passes), so a champion passes the same risk check a challenger must pass.
+    """
     models = evaluation["models"]
     scored = {k: _pre(evaluation, k).get("qlike") for k in models}
     scored = {k: v for k, v in scored.items() if v is not None}
@@ -93,6 +105,10 @@ def best_candidate(evaluation: Mapping[str, Any]) -> str | None:
         return None
     in_mcs = {k: v for k, v in scored.items() if _pre(evaluation, k).get("in_mcs", True)}
     pool = in_mcs or scored
+    if max_traffic_light is not None:
+        limit = _ZONES[max_traffic_light]
+        passing = {k: v for k, v in pool.items() if _ZONES.get(_zone(evaluation, k) or "red", 2) <= limit}
+        pool = passing or pool
     return min(pool, key=lambda k: (pool[k], k))
 
 
@@ -121,7 +137,7 @@ def decide(
         Worst acceptable pre-cut 99% VaR zone.
     """
     cut = str(evaluation.get("cut"))
-    cand = best_candidate(evaluation)
+    cand = best_candidate(evaluation, max_traffic_light)
     if cand is None:
         return Decision(dataset, cut, None, champion_key, False, champion_key, ["no model has a pre-cut QLIKE"])
     pre = _pre(evaluation, cand)
@@ -132,7 +148,14 @@ def decide(
         "candidate_traffic_light": zone,
     }
     if champion_key is None:
-        reasons = [f"no champion yet: {cand} has the lowest pre-cut QLIKE ({pre.get('qlike'):.6g}) inside the MCS"]
+        reasons = [
+            f"no champion yet: {cand} has the lowest pre-cut QLIKE ({pre.get('qlike'):.6g}) inside the MCS "
+            f"among models whose pre-cut 99% VaR traffic light is at most {max_traffic_light} (this one: {zone})"
+        ]
+        skipped = [k for k in evaluation["models"] if k != cand and _pre(evaluation, k).get("in_mcs")
+                   and (_pre(evaluation, k).get("qlike") or np.inf) < (pre.get("qlike") or np.inf)]
+        if skipped:
+            reasons.append(f"skipped for their traffic light: {', '.join(sorted(skipped))}")
         return Decision(dataset, cut, cand, None, True, cand, reasons, checks)
     if champion_key == cand:
         reasons = [f"{cand} is the champion's specification and still the best pre-cut candidate; re-confirmed"]

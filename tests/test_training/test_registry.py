@@ -45,6 +45,17 @@ class TestGate:
         d = decide("bundled:bitstamp/BTC", ev, None)
         assert d.promoted and d.champion_after == "garch" and "no champion yet" in d.reasons[0]
 
+    def test_first_champion_skips_red_traffic_light(self):
+        ev = _evaluation()
+        ev["models"]["garch"]["pre_cut"]["var"]["0.99"]["traffic_light"] = "red"
+        assert best_candidate(ev) == "garch"
+        d = decide("x", ev, None)
+        assert d.promoted and d.champion_after == "ewma"
+        assert any("skipped for their traffic light: garch" in r for r in d.reasons)
+        # when no MCS member passes, the QLIKE rule alone decides
+        ev["models"]["ewma"]["pre_cut"]["var"]["0.99"]["traffic_light"] = "red"
+        assert decide("x", ev, None).champion_after == "garch"
+
     def test_challenger_promoted_when_all_checks_pass(self):
         d = decide("x", _evaluation(), "ewma")
         assert d.promoted and d.champion_after == "garch" and d.checks["dm_pvalue_better"] == 0.01
@@ -53,7 +64,10 @@ class TestGate:
         ("mutate", "reason"),
         [
             (lambda ev: ev["models"]["garch"]["pre_cut"]["dm"]["ewma"].update(pvalue_better=0.2), "Diebold-Mariano"),
-            (lambda ev: ev["models"]["garch"]["pre_cut"]["var"]["0.99"].update(traffic_light="red"), "traffic light is red"),
+            (
+                lambda ev: [ev["models"][k]["pre_cut"]["var"]["0.99"].update(traffic_light="red") for k in ("garch", "ewma")],
+                "traffic light is red",
+            ),
         ],
     )
     def test_challenger_blocked(self, mutate, reason):
@@ -62,6 +76,12 @@ class TestGate:
         d = decide("x", ev, "ewma")
         assert not d.promoted and d.champion_after == "ewma"
         assert any(reason in r for r in d.reasons)
+
+    def test_red_model_is_not_even_a_challenger(self):
+        ev = _evaluation()
+        ev["models"]["garch"]["pre_cut"]["var"]["0.99"]["traffic_light"] = "red"
+        d = decide("x", ev, "ewma")
+        assert d.candidate == "ewma" and d.champion_after == "ewma"
 
     def test_champion_outside_mcs_with_lower_qlike_kept(self):
         d = decide("x", _evaluation(), "har")
