@@ -62,6 +62,12 @@ def resolve_tracking_uri(uri: str | None = None, *, allow_file_store: bool = Fal
 
 
 # ---------------------------------------------------------------------------- atomic writes
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to a temporary file next to ``path`` and rename it into place."""
     p = Path(path)
@@ -70,6 +76,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -85,6 +92,7 @@ def atomic_write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
     os.close(fd)
     try:
         df.to_parquet(tmp)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

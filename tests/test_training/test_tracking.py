@@ -38,6 +38,11 @@ class TestAtomicWrites:
         q = atomic_write_parquet(df, tmp_path / "d" / "t.parquet")
         pd.testing.assert_frame_equal(pd.read_parquet(q), df, check_freq=False)
         assert sorted(x.name for x in (tmp_path / "d").iterdir()) == ["t.parquet", "x.json"]
+        import os
+
+        mask = os.umask(0)
+        os.umask(mask)
+        assert (p.stat().st_mode & 0o777) == (0o666 & ~mask)
 
     def test_failed_write_leaves_no_file(self, tmp_path):
         class Boom(pd.DataFrame):
