@@ -87,9 +87,10 @@ def main() -> None:
     p32 = p64.astype(np.float32)
 
     # float64 reference (chunked, checked against the plain GEMM on a slice)
-    ref = max_loss_margin_chunked(p64, s, chunk=8192)
+    p64f = np.asfortranarray(p64)
+    ref = max_loss_margin_chunked(p64f, s, chunk=2048, workers=2)
     np.testing.assert_allclose(ref[:50_000], scenario_margin(p64[:50_000], s), rtol=1e-12, atol=1e-9)
-    t64, _ = best_time(lambda: max_loss_margin_chunked(p64, s, chunk=8192), max(3, args.repeats // 3))
+    t64, _ = best_time(lambda: max_loss_margin_chunked(p64f, s, chunk=2048, workers=2), max(3, args.repeats // 3))
 
     out = np.empty(a, dtype=np.float32)
     # the same (accounts x instruments) array in row-major and column-major memory order

@@ -171,24 +171,28 @@ def max_loss_margin_chunked(
         ``(A,)`` output buffer.
     workers : int
         Threads, each running single-threaded BLAS on a contiguous block of accounts (NumPy releases the
-        GIL in ``matmul`` and ``max``); for skinny GEMMs this beats one multi-threaded BLAS call.
+        GIL in ``matmul`` and ``max``). BLAS is always limited to one thread inside this call: for this
+        skinny product, multi-threaded OpenBLAS thrashes on a shared machine.
     """
     dt = positions.dtype
     st = np.ascontiguousarray(-np.asarray(s, dtype=dt).T)  # (n, I): losses = -S^T P^T
     a = positions.shape[0]
     if out is None:
         out = np.empty(a, dtype=dt)
-    if workers <= 1 or a < 2 * chunk:
-        _max_loss_block(st, positions, out, chunk)
-        return out
-    from concurrent.futures import ThreadPoolExecutor
-
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
         import contextlib
 
         threadpool_limits = lambda **_: contextlib.nullcontext()  # noqa: E731
+    # always single-threaded BLAS: multi-threaded OpenBLAS on this skinny product slows down 50-150x
+    # when the cores are shared; parallelism comes from ``workers``
+    if workers <= 1 or a < 2 * chunk:
+        with threadpool_limits(limits=1):
+            _max_loss_block(st, positions, out, chunk)
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
     edges = np.linspace(0, a, workers + 1).astype(int)
     with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as ex:
         futs = [
