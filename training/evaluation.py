@@ -11,8 +11,9 @@ embargo on; reported, never used for a choice). Both samples get the same statis
   baseline: two-sided p-value and the one-sided p-value that the model beats the baseline;
 * Hansen's MCS membership over all models (seeded);
 * VaR coverage of the step-1 long VaR at each level (Kupiec, Christoffersen, conditional coverage,
-  Basel traffic light at 99%), using the model's return quantiles when it reports that level, else a
-  zero-mean normal quantile.
+  Basel traffic light at 99%): ``var`` uses the zero-mean normal quantile of the variance forecast for
+  every model (the variance is what margin consumes; the promotion gate reads this one);
+  ``var_model_quantiles`` uses the model's own return quantiles where it reports them.
 """
 
 from __future__ import annotations
@@ -58,12 +59,16 @@ def row_losses(res: WalkForwardResult, sample: str | None = None) -> pd.Series:
     return s
 
 
-def var_breach_series(res: WalkForwardResult, level: float) -> np.ndarray:
-    """0/1 exceptions of the step-1 long VaR at ``level`` for every origin (NaN without a realized return)."""
+def var_breach_series(res: WalkForwardResult, level: float, *, model_quantiles: bool = False) -> np.ndarray:
+    """0/1 exceptions of the step-1 long VaR at ``level`` for every origin (NaN without a realized return).
+
+    By default the VaR is the zero-mean normal quantile of the variance forecast (what margin consumes);
+    with ``model_quantiles`` the model's own return quantile at ``1 - level`` is used when it reports one.
+    """
     r = res.returns["r.1"].to_numpy(dtype=float)
     fc = res.forecast
     q_level = 1.0 - level
-    if fc.quantiles is not None and fc.quantile_levels is not None:
+    if model_quantiles and fc.quantiles is not None and fc.quantile_levels is not None:
         levels = np.asarray(fc.quantile_levels)
         j = np.flatnonzero(np.isclose(levels, q_level, atol=1e-9))
         if j.size:
@@ -94,15 +99,21 @@ def _scores(res: WalkForwardResult, mask: np.ndarray, var_levels: Sequence[float
     out["qlike_sq_h1"] = _finite(qlike(sq, f[:, 0]))
     mz = mincer_zarnowitz(y[:, 0], f[:, 0])
     out["mz"] = {k: (_finite(v) if isinstance(v, float) else v) for k, v in mz.to_dict().items()}
+    out["var"] = _coverage(res, mask, var_levels, model_quantiles=False)
+    if res.forecast.quantiles is not None:
+        out["var_model_quantiles"] = _coverage(res, mask, var_levels, model_quantiles=True)
+    return out
+
+
+def _coverage(res: WalkForwardResult, mask: np.ndarray, var_levels: Sequence[float], *, model_quantiles: bool) -> dict[str, Any]:
     cov: dict[str, Any] = {}
     for lv in var_levels:
-        b = var_breach_series(res, lv)[mask]
+        b = var_breach_series(res, lv, model_quantiles=model_quantiles)[mask]
         b = b[np.isfinite(b)]
         if len(b) >= 2:
             c = coverage_test(b, 1.0 - lv).to_dict()
             cov[f"{lv:g}"] = {k: (_finite(v) if isinstance(v, float) else v) for k, v in c.items()}
-    out["var"] = cov
-    return out
+    return cov
 
 
 def evaluate_asset(

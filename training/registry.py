@@ -148,10 +148,17 @@ def decide(
         "candidate_traffic_light": zone,
     }
     if champion_key is None:
-        reasons = [
-            f"no champion yet: {cand} has the lowest pre-cut QLIKE ({pre.get('qlike'):.6g}) inside the MCS "
-            f"among models whose pre-cut 99% VaR traffic light is at most {max_traffic_light} (this one: {zone})"
-        ]
+        if _ZONES.get(zone or "red", 2) <= _ZONES[max_traffic_light]:
+            reasons = [
+                f"no champion yet: {cand} has the lowest pre-cut QLIKE ({pre.get('qlike'):.6g}) inside the MCS "
+                f"among models whose pre-cut 99% VaR traffic light is at most {max_traffic_light} (this one: {zone})"
+            ]
+        else:
+            reasons = [
+                f"no champion yet: {cand} has the lowest pre-cut QLIKE ({pre.get('qlike'):.6g}) inside the MCS; "
+                f"WARNING: no MCS member has a pre-cut 99% VaR traffic light of {max_traffic_light} or better "
+                f"(this one: {zone})"
+            ]
         skipped = [k for k in evaluation["models"] if k != cand and _pre(evaluation, k).get("in_mcs")
                    and (_pre(evaluation, k).get("qlike") or np.inf) < (pre.get("qlike") or np.inf)]
         if skipped:

@@ -54,7 +54,8 @@ class TestGate:
         assert any("skipped for their traffic light: garch" in r for r in d.reasons)
         # when no MCS member passes, the QLIKE rule alone decides
         ev["models"]["ewma"]["pre_cut"]["var"]["0.99"]["traffic_light"] = "red"
-        assert decide("x", ev, None).champion_after == "garch"
+        d = decide("x", ev, None)
+        assert d.champion_after == "garch" and "WARNING: no MCS member" in d.reasons[0]
 
     def test_challenger_promoted_when_all_checks_pass(self):
         d = decide("x", _evaluation(), "ewma")

@@ -254,3 +254,23 @@ class TestEvaluation:
         s = row_losses(res)
         y, f = res.targets.to_numpy()[0], res.forecast.variance[0]
         assert s.iloc[0] == pytest.approx(np.mean(y / f - np.log(y / f) - 1))
+
+
+def test_var_breaches_normal_and_model_quantiles():
+    from scipy import stats
+
+    from training.evaluation import evaluate_asset, var_breach_series
+
+    frame = synthetic_frame(300, seed=3)
+    res = walk_forward(make_task(frame, model="garch", horizon=1, refit_every=10_000, block=10_000))
+    assert res.forecast.quantiles is not None
+    r = res.returns["r.1"].to_numpy()
+    ok = np.isfinite(r)
+    normal = var_breach_series(res, 0.99)
+    expected = (r < stats.norm.ppf(0.01) * np.sqrt(res.forecast.variance[:, 0])).astype(float)
+    np.testing.assert_array_equal(normal[ok], expected[ok])
+    j = list(res.forecast.quantile_levels).index(0.01)
+    own = var_breach_series(res, 0.99, model_quantiles=True)
+    np.testing.assert_array_equal(own[ok], (r < res.forecast.quantiles[:, 0, j]).astype(float)[ok])
+    ev = evaluate_asset({"garch": res}, mcs_reps=50)
+    assert "var_model_quantiles" in ev["models"]["garch"]["held_out"]
