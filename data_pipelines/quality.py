@@ -56,8 +56,6 @@ Extreme returns use only past data (no look-ahead): ``|r_t| / sqrt(ret_bars_t)``
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +63,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from data_pipelines.atomic import atomic_write_text
 from data_pipelines.bars import (
     CANONICAL_COLUMNS,
     Calendar,
@@ -526,17 +525,6 @@ def check_and_clean(raw: pd.DataFrame, policy: Policy = "repair", bar: str | Non
 
 def write_quality_json(report: QualityReport | dict[str, Any], path: str | Path) -> Path:
     """Write the report as JSON atomically (temp file in the same folder, then ``os.replace``)."""
-    path = Path(path)
     payload = report.to_dict() if isinstance(report, QualityReport) else report
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=False, default=_json_default)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n"
+    return atomic_write_text(path, text)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from data_pipelines.atomic import atomic_write_parquet, atomic_write_text
 from training.walk_forward import WalkForwardResult
 
 __all__ = [
@@ -59,45 +59,6 @@ def resolve_tracking_uri(uri: str | None = None, *, allow_file_store: bool = Fal
             f"{DEFAULT_TRACKING_URI!r}, or set allow_file_store: true"
         )
     return resolved
-
-
-# ---------------------------------------------------------------------------- atomic writes
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file next to ``path`` and rename it into place."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
-
-
-def atomic_write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write a DataFrame to parquet through a temporary file and ``os.replace``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
 
 
 def flatten_metrics(entry: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
