@@ -83,7 +83,8 @@ class ReportData:
 
 
 # ---------------------------------------------------------------------------- verdict
-def _f(x: Any) -> float | None:
+def finite_or_none(x: Any) -> float | None:
+    """``float(x)`` when it is a finite number, else None (summary and report values are null, never NaN)."""
     try:
         v = float(x)
     except (TypeError, ValueError):
@@ -92,7 +93,7 @@ def _f(x: Any) -> float | None:
 
 
 def _pct(x: Any, digits: int = 1) -> str:
-    v = _f(x)
+    v = finite_or_none(x)
     return "n/a" if v is None else f"{100 * v:+.{digits}f}%"
 
 
@@ -110,7 +111,7 @@ def verdict(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         pol = a.get("policies", {})
         pred = comp.get("predictive_vs_best_static", {})
         for metric in ("liquidations", "bad_debt"):
-            share = _f(pred.get(f"share_of_bound_{metric}"))
+            share = finite_or_none(pred.get(f"share_of_bound_{metric}"))
             if share is None:
                 rows.append({"scope": asset, "check": f"captures >= 50% of the bound's {metric} reduction",
                              "passed": None, "detail": "share undefined (the bound or the change is null)"})
@@ -120,10 +121,10 @@ def verdict(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
                 rows.append({"scope": asset, "check": f"captures >= 50% of the bound's {metric} reduction",
                              "passed": ok, "detail": detail})
             for rival in ("ewma_ccp", "garch_fhs"):
-                mine = _f(pred.get(f"{metric}_change"))
-                theirs = _f(comp.get(f"{rival}_vs_best_static", {}).get(f"{metric}_change"))
+                mine = finite_or_none(pred.get(f"{metric}_change"))
+                theirs = finite_or_none(comp.get(f"{rival}_vs_best_static", {}).get(f"{metric}_change"))
                 if mine is None or theirs is None:
-                    a_mine, a_theirs = _f(pol.get("predictive", {}).get(metric)), _f(pol.get(rival, {}).get(metric))
+                    a_mine, a_theirs = finite_or_none(pol.get("predictive", {}).get(metric)), finite_or_none(pol.get(rival, {}).get(metric))
                     absolute = ("" if a_mine is None or a_theirs is None else
                                 f"; absolute {metric.replace('_', ' ')}: predictive {a_mine:,.0f}, {rival} {a_theirs:,.0f}")
                     rows.append({"scope": asset, "check": f"beats {rival} on {metric} (vs best static)",
@@ -134,8 +135,8 @@ def verdict(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
                     gap = "" if ok else f"; short by {100 * (mine - theirs):.1f} points"
                     rows.append({"scope": asset, "check": f"beats {rival} on {metric} (vs best static)",
                                  "passed": ok, "detail": f"predictive {_pct(mine)} vs {rival} {_pct(theirs)}{gap}"})
-        p5 = _f(pol.get("predictive", {}).get("max_im_increase_5d"))
-        e5 = _f(pol.get("ewma_ccp", {}).get("max_im_increase_5d"))
+        p5 = finite_or_none(pol.get("predictive", {}).get("max_im_increase_5d"))
+        e5 = finite_or_none(pol.get("ewma_ccp", {}).get("max_im_increase_5d"))
         if p5 is None or e5 is None:
             rows.append({"scope": asset, "check": "5-day IM increase <= ewma_ccp's", "passed": None,
                          "detail": "missing"})
@@ -149,7 +150,7 @@ def verdict(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     for metric in ("liquidations", "bad_debt"):
         shares = [
             v for a in summary.get("assets", {}).values()
-            if (v := _f(a.get("comparison", {}).get("predictive_vs_best_static", {}).get(f"share_of_bound_{metric}")))
+            if (v := finite_or_none(a.get("comparison", {}).get("predictive_vs_best_static", {}).get(f"share_of_bound_{metric}")))
             is not None
         ]
         changes = f"pooled changes: predictive {_pct(pp.get(f'{metric}_change'))}, bound {_pct(bb.get(f'{metric}_change'))}"
@@ -176,7 +177,7 @@ def beats_bound(summary: Mapping[str, Any]) -> list[str]:
             if pol.startswith("bound") or pol.startswith("static"):
                 continue
             for metric in ("liquidations", "bad_debt"):
-                s = _f(c.get(f"share_of_bound_{metric}"))
+                s = finite_or_none(c.get(f"share_of_bound_{metric}"))
                 if s is not None and s > 1:
                     out.append(
                         f"{asset}: {pol} beats the perfect-foresight entry-IM bound on {metric} (share {s:.2f}); "
@@ -267,7 +268,7 @@ def _fmt(x: Any, kind: str = "g") -> str:
         return "yes" if x else "no"
     if isinstance(x, int | np.integer):
         return f"{int(x):,}"
-    v = _f(x)
+    v = finite_or_none(x)
     if v is None:
         return html.escape(str(x))
     if kind == "pct":

@@ -48,13 +48,13 @@ import pandas as pd
 
 from training.tracking import atomic_write_text, resolve_tracking_uri
 from volmargin.config import RunConfig
+from volmargin.report import finite_or_none
 from volmargin.run_assets import (
     ADAPTIVE,
     BOUND_OBJECTIVES,
     VAR_POLICIES,
     AssetOutcome,
     _crash_days,
-    _finite,
     build_backtest_config,
     build_controls,
     build_population_config,
@@ -217,7 +217,7 @@ def _champion_quality(outcomes: Mapping[str, AssetOutcome]) -> pd.DataFrame:
         masks = {"pre": pos + steps < cut_pos, "held_out": pos >= cut_pos}
         row: dict[str, Any] = {"asset": o.inputs.asset, "model": o.inputs.champion.get("model_key"), "champion": True}
         for k, m in masks.items():
-            row[f"qlike_{k}"] = _finite(qlike(t.loc[m, y].to_numpy().ravel(), t.loc[m, h].to_numpy().ravel()))
+            row[f"qlike_{k}"] = finite_or_none(qlike(t.loc[m, y].to_numpy().ravel(), t.loc[m, h].to_numpy().ravel()))
         row["n_held_out"] = int(masks["held_out"].sum())
         rows.append(row)
     return pd.DataFrame(rows)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from volmargin.config import RunConfig
+from volmargin.report import finite_or_none
 from volmargin.run_inputs import AssetInputs
 
 __all__ = [
@@ -51,14 +51,6 @@ def static_name(level: float) -> str:
     """Policy name of a static IM level: ``static_0.10``, ``static_0.125``."""
     s = f"{level:.2f}"
     return f"static_{s}" if float(s) == level else f"static_{level:g}"
-
-
-def _finite(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _replace_path(obj: Any, dotted: str, value: Any) -> Any:
@@ -259,14 +251,14 @@ def _crash_days(bars: pd.DataFrame, cut: pd.Timestamp, results: Mapping[str, Any
 
 def _compare_entry(norm: Mapping[str, Any], froz: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     entry = {
-        "liquidations_change": _finite(norm.get("liquidations_change")),
-        "bad_debt_change": _finite(norm.get("bad_debt_change")),
-        "share_of_bound_liquidations": _finite(froz.get("share_of_bound_liquidations")),
-        "share_of_bound_bad_debt": _finite(froz.get("share_of_bound_bad_debt")),
+        "liquidations_change": finite_or_none(norm.get("liquidations_change")),
+        "bad_debt_change": finite_or_none(norm.get("bad_debt_change")),
+        "share_of_bound_liquidations": finite_or_none(froz.get("share_of_bound_liquidations")),
+        "share_of_bound_bad_debt": finite_or_none(froz.get("share_of_bound_bad_debt")),
     }
     if "best_static_liquidations" in norm:  # the static reference at the policy's collateral (refined frontier)
-        entry["best_static_liquidations"] = _finite(norm.get("best_static_liquidations"))
-        entry["best_static_bad_debt"] = _finite(norm.get("best_static_bad_debt"))
+        entry["best_static_liquidations"] = finite_or_none(norm.get("best_static_liquidations"))
+        entry["best_static_bad_debt"] = finite_or_none(norm.get("best_static_bad_debt"))
         entry["static_bracket"] = norm.get("static_bracket")
     reasons = {}
     for k in ("liquidations_change", "bad_debt_change"):
@@ -428,8 +420,8 @@ def _sensitivity(inp: AssetInputs, cfg: RunConfig, ctx: Any, predictive_path: An
         c = compare(res, front)
         rows.append({"asset": inp.asset, **row, "liquidations": int(res.liquidations), "bad_debt": float(res.bad_debt),
                      "avg_collateral": float(res.avg_collateral),
-                     "liquidations_change": _finite(c["liquidations_change"]),
-                     "bad_debt_change": _finite(c["bad_debt_change"]), "note": c.get("reason")})
+                     "liquidations_change": finite_or_none(c["liquidations_change"]),
+                     "bad_debt_change": finite_or_none(c["bad_debt_change"]), "note": c.get("reason")})
     return rows
 
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from volmargin.commands._common import console, user_errors
+from volmargin.commands._common import console, stage_progress, user_errors
 
 
 def _pct(x: object) -> str:
@@ -21,16 +20,7 @@ def _execute(config: Path, out: Path, mode: str) -> None:
     from volmargin.run import run_job
 
     cfg = load_config(config, "run")
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
+    with stage_progress() as progress:
         result = run_job(cfg, out, mode=mode, config_path=config, progress=progress)
     s = result.summary
     table = Table(title="Held-out headline: change against the static frontier at equal collateral (negative is fewer)")

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from volmargin.commands._common import console, user_errors
+from volmargin.commands._common import console, stage_progress, user_errors
 
 models_app = typer.Typer(no_args_is_help=True, help="Registered volatility models.")
 
@@ -44,16 +43,7 @@ def train(
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
         cfg = cfg.model_copy(update={"executor": cfg.executor.model_copy(update={"workers": workers})})
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done)
-
+    with stage_progress() as progress:
         result = run_training(cfg, config_path=config, progress=progress)
     df = result.held_out_table()
     table = Table(
