@@ -8,7 +8,8 @@ controls answer the worry that thresholds move faster than participants can reac
   ``|IM_t / IM_{t-1} - 1| <= max_change``;
 * ``notice_bars``: new positions get a higher IM at once, but a higher maintenance margin binds on OPEN
   positions only ``notice_bars`` bars after it was announced; decreases bind at once;
-* ``mm_fraction``: the MM target is ``mm_fraction × IM``.
+* ``mm_fraction``: the MM target is ``mm_fraction × IM`` (a policy with its own MM mapping passes ``raw_mm``;
+  it gets the same change cap and notice, a floor of ``mm_fraction × floor`` and never exceeds IM).
 
 Timing convention (shared with :mod:`margin.backtest`): value ``t`` is published at the close of bar ``t``;
 ``im_new[t]`` applies to positions opened at that close, ``mm_open[t]`` binds during bar ``t + 1``.
@@ -78,7 +79,7 @@ class ControlledPath:
     im_new : np.ndarray
         IM rate for positions opened at the close of each bar.
     mm_target : np.ndarray
-        ``mm_fraction × im_new``: the MM announced at each bar.
+        The MM announced at each bar: ``mm_fraction × im_new``, or the policy's own MM target (capped).
     mm_open : np.ndarray
         MM rate binding on open positions during the next bar (increases lag by ``notice_bars``).
     mm_pending : np.ndarray
@@ -106,7 +107,23 @@ def notice_min(target: np.ndarray, notice_bars: int) -> np.ndarray:
     return out
 
 
-def apply_controls(raw_im: np.ndarray, controls: Controls) -> ControlledPath:
+def _change_capped(x: np.ndarray, max_change: float) -> np.ndarray:
+    """``y_t`` = ``x_t`` clipped to ``[(1 - max_change) y_{t-1}, (1 + max_change) y_{t-1}]``; ``y_0 = x_0``."""
+    out = np.empty_like(x)
+    up, down = 1.0 + max_change, max(1.0 - max_change, 0.0)
+    prev = x[0]
+    out[0] = prev
+    xs = x.tolist()
+    # plain loop: the cap makes the path sequential (n_bars iterations of float math)
+    for t in range(1, len(xs)):
+        lo, hi = prev * down, prev * up
+        v = xs[t]
+        prev = lo if v < lo else (hi if v > hi else v)
+        out[t] = prev
+    return out
+
+
+def apply_controls(raw_im: np.ndarray, controls: Controls, raw_mm: np.ndarray | None = None) -> ControlledPath:
     """Apply floor/ceiling, the change cap and the MM notice to a raw IM series.
 
     Parameters
@@ -115,6 +132,9 @@ def apply_controls(raw_im: np.ndarray, controls: Controls) -> ControlledPath:
         Raw IM rates per bar (fractions of notional), finite and > 0.
     controls : Controls
         The controls.
+    raw_mm : np.ndarray, optional
+        A policy's own MM target per bar (fractions, > 0). Default ``mm_fraction × IM``. When given it gets
+        the same change cap as IM, is floored at ``mm_fraction × floor`` and never exceeds the controlled IM.
 
     Returns
     -------
@@ -127,19 +147,17 @@ def apply_controls(raw_im: np.ndarray, controls: Controls) -> ControlledPath:
         i = int(np.flatnonzero(~np.isfinite(raw))[0])
         raise ValueError(f"raw_im must be finite, got {float(raw[i])!r} at bar {i}")
     c = controls
-    clipped = np.clip(raw, c.floor, c.ceiling)
-    im = np.empty_like(clipped)
-    up, down = 1.0 + c.max_change, max(1.0 - c.max_change, 0.0)
-    prev = clipped[0]
-    im[0] = prev
-    cl = clipped.tolist()
-    # plain loop: the cap makes the path sequential (n_bars iterations of float math)
-    for t in range(1, len(cl)):
-        lo, hi = prev * down, prev * up
-        v = cl[t]
-        prev = lo if v < lo else (hi if v > hi else v)
-        im[t] = prev
-    mm_target = c.mm_fraction * im
+    im = _change_capped(np.clip(raw, c.floor, c.ceiling), c.max_change)
+    if raw_mm is None:
+        mm_target = c.mm_fraction * im
+    else:
+        mm = np.asarray(raw_mm, dtype=np.float64).ravel()
+        if mm.shape != raw.shape:
+            raise ValueError(f"raw_mm must have one value per bar ({raw.size}), got {mm.size}")
+        if not np.all(np.isfinite(mm) & (mm > 0)):
+            i = int(np.flatnonzero(~(np.isfinite(mm) & (mm > 0)))[0])
+            raise ValueError(f"raw_mm must be finite and > 0, got {float(mm[i])!r} at bar {i}")
+        mm_target = np.minimum(_change_capped(np.maximum(mm, c.mm_fraction * c.floor), c.max_change), im)
     mm_open = notice_min(mm_target, c.notice_bars)
     pending_mask = mm_target > mm_open
     mm_pending = np.where(pending_mask, mm_target, np.nan)

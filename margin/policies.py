@@ -233,8 +233,9 @@ def var_to_im(sigma_h: np.ndarray, z: float) -> np.ndarray:
     return np.expm1(z * np.asarray(sigma_h, dtype=np.float64))
 
 
-def _mm_controlled(name: str, ctx: PolicyContext, raw: np.ndarray, meta: dict[str, Any]) -> MarginPath:
-    cp = apply_controls(raw, ctx.controls)
+def _mm_controlled(name: str, ctx: PolicyContext, raw: np.ndarray, meta: dict[str, Any],
+                   raw_mm: np.ndarray | None = None) -> MarginPath:
+    cp = apply_controls(raw, ctx.controls, raw_mm)
     meta = {**meta, "controls": ctx.controls.to_dict()}
     return MarginPath(times=ctx.times, im_rate=cp.im_new, mm_rate=cp.mm_open, policy=name, meta=meta,
                       mm_pending=cp.mm_pending, mm_effective_bar=cp.mm_effective_bar)
@@ -456,9 +457,13 @@ class PredictivePolicy:
     ``power < 1`` is a sub-proportional response, ``> 1`` super-proportional, 0 static.
     ``release`` (in (0, 1]): the largest relative fall of the raw IM per bar, so that margin raised in a
     volatile spell is released slowly (crashes cluster); 1 = no hold (the controls' cap still applies).
-    ``mm_binds``: ``"path"`` (MM = ``mm_fraction × IM`` binds on open positions, increases after the notice)
-    or ``"entry"`` (each position keeps ``mm_fraction ×`` its entry IM: only new positions see changes, an
+    ``mm_binds``: ``"path"`` (the MM binds on open positions, increases after the notice)
+    or ``"entry"`` (each position keeps the MM of its entry bar: only new positions see changes, an
     entry-IM policy like the bound). Both are in the fit's grid.
+    ``mm_k``: the MM mapping. 0 (default): ``MM = mm_fraction × IM`` as for every other policy. ``> 0``: MM
+    covers a ``mm_k``-sigma one-bar move, ``MM_t = exp(mm_k σ1_t) - 1`` (σ1: the 1-step forecast volatility),
+    the close-out (gap) risk a maintenance margin exists for, while IM keeps pricing the holding-horizon risk;
+    it then gets the controls (change cap, notice, floor ``mm_fraction × floor``) and never exceeds IM.
     """
 
     level: float = 0.10
@@ -469,6 +474,7 @@ class PredictivePolicy:
     quantile_weight: float = 0.5
     release: float = 1.0
     mm_binds: Literal["path", "entry"] = "path"
+    mm_k: float = 0.0
     sigma_ref: float | None = None
     name: str = "predictive"
     fitted: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -477,7 +483,7 @@ class PredictivePolicy:
         """Numeric parameters (``mm_at_entry``: 1.0 when MM is fixed at entry, 0.0 when it follows the path)."""
         return {"level": self.level, "power": self.power, "stress": self.stress, "omega": self.omega,
                 "floor": self.floor, "quantile_weight": self.quantile_weight, "release": self.release,
-                "mm_at_entry": 1.0 if self.mm_binds == "entry" else 0.0,
+                "mm_at_entry": 1.0 if self.mm_binds == "entry" else 0.0, "mm_k": self.mm_k,
                 "sigma_ref": float("nan") if self.sigma_ref is None else self.sigma_ref}
 
     @staticmethod
@@ -520,14 +526,15 @@ class PredictivePolicy:
             s = self.sigma(feats)[: max(k, 1)]
             ref = float(np.median(s))
         raw = np.minimum(self.raw_from(feats, ref), 1.0)
+        raw_mm = np.minimum(var_to_im(feats["s1"], self.mm_k), 1.0) if self.mm_k > 0 else None
         meta = {**self.params(), "mm_binds": self.mm_binds, "sigma_ref": ref,
                 **({"fit": self.fitted} if self.fitted else {})}
         if self.mm_binds == "entry":
-            # MM fixed at entry (mm_fraction × entry IM): open positions never see an MM change
-            cp = apply_controls(raw, ctx.controls)
-            return MarginPath(times=ctx.times, im_rate=cp.im_new, mm_rate=ctx.controls.mm_fraction * cp.im_new,
+            # MM fixed at entry (the MM target of the entry bar): open positions never see an MM change
+            cp = apply_controls(raw, ctx.controls, raw_mm)
+            return MarginPath(times=ctx.times, im_rate=cp.im_new, mm_rate=cp.mm_target,
                               policy=self.name, meta={**meta, "controls": ctx.controls.to_dict()}, mm_binds="entry")
-        return _mm_controlled(self.name, ctx, raw, meta)
+        return _mm_controlled(self.name, ctx, raw, meta, raw_mm)
 
 
 def fit_predictive(
@@ -552,7 +559,7 @@ def fit_predictive(
     collateral; default ``capital_cost_annual`` (0.10) per year converted with the bar length).
 
     The search: coordinate descent over ``grid`` (``rounds`` passes over level, power, stress, omega, floor
-    and mm_binds, keeping every improvement), then (``refine``) a finer look at level and power between
+    mm_binds and mm_k, keeping every improvement), then (``refine``) a finer look at level and power between
     their grid neighbours. With ``target_avg_im`` the level is not searched: for every candidate shape it is
     solved so that the controlled IM averages ``target_avg_im`` over the bars before the cut, so the fit
     picks the best SHAPE at the capital of ``static_<target_avg_im>`` (the claim compares policies at equal
@@ -590,6 +597,7 @@ def fit_predictive(
         "floor": tuple(sorted({ctx.controls.floor, 0.02, 0.03, 0.05, 0.08})),
         "release": (1.0, 0.2, 0.05, 0.02),
         "mm_binds": ("path", "entry"),
+        "mm_k": (0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0),
     }
     if grid:
         g.update({k_: tuple(v) for k_, v in grid.items()})
@@ -597,12 +605,14 @@ def fit_predictive(
         g["stress"] = (0.0,)
     end = ctx.bars.index[k] if k < len(ctx.bars) else None
     cache: dict[tuple[float, ...], dict[str, float]] = {}
-    names: tuple[str, ...] = ("level", "power", "stress", "omega", "floor", "release", "mm_binds")
+    names: tuple[str, ...] = ("level", "power", "stress", "omega", "floor", "release", "mm_binds", "mm_k")
     if target_avg_im is not None:
         if not 0.0 < target_avg_im <= 1.0:
             raise ValueError(f"target_avg_im must be in (0, 1], got {target_avg_im!r}")
         names = names[1:]
         g["level"] = (float(target_avg_im),)
+        # a floor above the target would set the IM by itself (the level solve could not reach the target)
+        g["floor"] = tuple(f for f in g["floor"] if f <= target_avg_im) or (min(ctx.controls.floor, target_avg_im),)
 
     def solve_level(p: dict[str, Any]) -> tuple[float, MarginPath]:
         lv = float(p["level"])
@@ -630,7 +640,7 @@ def fit_predictive(
         return cache[key]
 
     cur = {"level": 0.10, "power": 0.5, "stress": 0.0, "omega": 0.5, "floor": ctx.controls.floor, "release": 1.0,
-           "mm_binds": "path"}
+           "mm_binds": "path", "mm_k": 0.0}
     for n in names:
         if cur[n] not in g[n]:
             cur[n] = g[n][len(g[n]) // 2]

@@ -112,7 +112,16 @@ def verdict(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         pred = comp.get("predictive_vs_best_static", {})
         for metric in ("liquidations", "bad_debt"):
             share = finite_or_none(pred.get(f"share_of_bound_{metric}"))
-            if share is None:
+            ref = finite_or_none(pred.get(f"best_static_{metric}"))
+            own = finite_or_none(pol.get("predictive", {}).get(metric))
+            if share is None and ref == 0.0 and own is not None:
+                # nothing to reduce: the best static has none at this collateral
+                worse = own > 0.0
+                rows.append({"scope": asset, "check": f"captures >= 50% of the bound's {metric} reduction",
+                             "passed": False if worse else None,
+                             "detail": (f"the best static has no {metric.replace('_', ' ')} at this collateral; "
+                                        f"predictive has {own:,.0f}" + (" (worse)" if worse else " (equal)"))})
+            elif share is None:
                 rows.append({"scope": asset, "check": f"captures >= 50% of the bound's {metric} reduction",
                              "passed": None, "detail": "share undefined (the bound or the change is null)"})
             else:

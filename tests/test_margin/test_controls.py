@@ -92,3 +92,42 @@ def test_controls_respected(raw, floor, width, max_change, notice, frac):
     pend = ~np.isnan(cp.mm_pending)
     assert np.all(cp.mm_pending[pend] > cp.mm_open[pend])
     assert np.all(cp.mm_effective_bar[pend] > np.flatnonzero(pend))
+
+
+class TestOwnMmTarget:
+    def test_hand_example(self):
+        # MM target of its own: floored at mm_fraction x floor, change-capped, never above the controlled IM
+        c = Controls(floor=0.02, ceiling=0.5, max_change=0.5, notice_bars=0, mm_fraction=0.5)
+        im = np.array([0.2, 0.2, 0.2, 0.2, 0.05])
+        mm = np.array([0.05, 0.2, 0.001, 0.001, 0.04])
+        cp = apply_controls(im, c, mm)
+        np.testing.assert_allclose(cp.im_new, [0.2, 0.2, 0.2, 0.2, 0.1])
+        # 0.05 -> up-capped 0.075 -> down-capped 0.0375 -> 0.01875 (the floor 0.01 is below) -> 0.028125 -> min(IM)
+        np.testing.assert_allclose(cp.mm_target, [0.05, 0.075, 0.0375, 0.01875, 0.028125])
+        np.testing.assert_allclose(cp.mm_open, cp.mm_target)
+
+    def test_bad_mm(self):
+        with pytest.raises(ValueError, match="raw_mm must be finite and > 0, got 0.0 at bar 1"):
+            apply_controls(np.array([0.1, 0.1]), Controls(), np.array([0.05, 0.0]))
+        with pytest.raises(ValueError, match="raw_mm must have one value per bar"):
+            apply_controls(np.array([0.1, 0.1]), Controls(), np.array([0.05]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    raw=st.lists(st.tuples(st.floats(1e-4, 2.0), st.floats(1e-5, 1.0)), min_size=1, max_size=60),
+    max_change=st.floats(0.01, 1.5),
+    notice=st.integers(0, 6),
+)
+def test_own_mm_respects_controls(raw, max_change, notice):
+    c = Controls(floor=0.02, ceiling=0.5, max_change=max_change, notice_bars=notice, mm_fraction=0.5)
+    im_raw, mm_raw = (np.array(v) for v in zip(*raw, strict=True))
+    cp = apply_controls(im_raw, c, mm_raw)
+    eps = 1e-12
+    assert np.all(cp.mm_target <= cp.im_new + eps) and np.all(cp.mm_target > 0)
+    if cp.mm_target.size > 1:
+        assert np.all(np.abs(cp.mm_target[1:] / cp.mm_target[:-1] - 1.0) <= c.max_change + 1e-9)
+    assert np.all(cp.mm_open <= cp.mm_target + eps)
+    for t in range(1, cp.mm_open.size):
+        if cp.mm_open[t] > cp.mm_open[t - 1] + eps:
+            assert np.all(cp.mm_target[max(0, t - notice):t + 1] >= cp.mm_open[t] - eps)

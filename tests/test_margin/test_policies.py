@@ -204,6 +204,18 @@ class TestPredictive:
         assert p.mm_binds == "entry" and p.mm_pending is None
         np.testing.assert_allclose(p.mm_rate, 0.4 * p.im_rate)
 
+    @pytest.mark.parametrize("mm_binds", ["path", "entry"])
+    def test_own_mm_mapping(self, mm_binds):
+        # mm_k > 0: MM covers an mm_k-sigma one-bar move of the 1-step forecast, capped at IM
+        bars, sig = market(200)
+        ctx = PolicyContext(bars=bars, forecast=forecast_for(bars, sig),
+                            controls=Controls(floor=1e-4, ceiling=1.0, max_change=1e3, notice_bars=0))
+        p = PredictivePolicy(level=0.3, power=0.5, mm_k=2.0, mm_binds=mm_binds, sigma_ref=0.03).path(ctx)
+        np.testing.assert_allclose(p.mm_rate, np.minimum(np.expm1(2.0 * sig), p.im_rate), rtol=1e-12)
+        assert p.meta["mm_k"] == 2.0 and p.mm_binds == mm_binds
+        base = PredictivePolicy(level=0.3, power=0.5, mm_binds=mm_binds, sigma_ref=0.03).path(ctx)
+        np.testing.assert_array_equal(base.im_rate, p.im_rate)  # the MM mapping leaves IM alone
+
     def test_quantiles_blend(self):
         bars, sig = market(200)
         ctx = PolicyContext(bars=bars, forecast=forecast_for(bars, sig, quantiles=True),
@@ -215,7 +227,7 @@ class TestPredictive:
         bars, sig = market(240, seed=5)
         cut = bars.index[160]
         pop = generate_population(240, PopulationConfig(n_positions=1500, seed=3))
-        grid = {"level": (0.05, 0.1, 0.2), "power": (0.0, 1.0), "omega": (0.5,), "floor": (0.01,)}
+        grid = {"level": (0.05, 0.1, 0.2), "power": (0.0, 1.0), "omega": (0.5,), "floor": (0.01,), "mm_k": (0.0, 3.0)}
         ctx = PolicyContext(bars=bars, forecast=forecast_for(bars, sig), cut=cut)
         a = fit_predictive(ctx, pop, BacktestConfig(), {"alpha": 100.0, "beta": 1e-4}, grid=grid)
         bars2 = bars.copy()
@@ -234,7 +246,8 @@ class TestPredictive:
         bars, sig = market(240, seed=5)
         ctx = PolicyContext(bars=bars, forecast=forecast_for(bars, sig), cut=bars.index[160])
         pop = generate_population(240, PopulationConfig(n_positions=1000, seed=3))
-        grid = {"power": (0.0, 1.0), "omega": (0.5,), "floor": (0.01,), "release": (1.0,), "mm_binds": ("path",)}
+        grid = {"power": (0.0, 1.0), "omega": (0.5,), "floor": (0.01,), "release": (1.0,), "mm_binds": ("path",),
+                "mm_k": (0.0,)}
         pol = fit_predictive(ctx, pop, BacktestConfig(), grid=grid, target_avg_im=0.08)
         assert np.mean(pol.path(ctx).im_rate[:160]) == pytest.approx(0.08, rel=2e-3)
         assert pol.fitted["target_avg_im"] == 0.08 and pol.fitted["evaluations"] == 4  # 2 powers + 2 refined

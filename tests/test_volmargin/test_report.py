@@ -63,6 +63,15 @@ class TestVerdict:
         rows = verdict(_summary(pred, RIVAL, RIVAL))
         assert all(r["passed"] is None for r in rows if r["check"] != "5-day IM increase <= ewma_ccp's")
 
+    @pytest.mark.parametrize(("own", "passed", "word"), [(1915.0, False, "(worse)"), (0.0, None, "(equal)")])
+    def test_no_static_bad_debt_to_reduce(self, own: float, passed: bool | None, word: str) -> None:
+        # the best static has no bad debt at the policy's collateral: more is a failure, none is undefined
+        pred = {**GOOD, "bad_debt_change": None, "share_of_bound_bad_debt": None, "best_static_bad_debt": 0.0}
+        s = _summary(pred, RIVAL, RIVAL)
+        s["assets"]["BTC"]["policies"]["predictive"]["bad_debt"] = own
+        row = next(r for r in verdict(s) if r["scope"] == "BTC" and "bad_debt reduction" in r["check"])
+        assert row["passed"] is passed and word in row["detail"] and f"{own:,.0f}" in row["detail"]
+
     def test_pooled_share_is_mean_of_asset_shares(self) -> None:
         s = _summary(GOOD, RIVAL, RIVAL)
         s["assets"]["ETH"] = {"policies": s["assets"]["BTC"]["policies"],
