@@ -33,7 +33,8 @@ import numpy as np
 
 from data_pipelines.synthetic import simulate
 from margin.backtest import BacktestConfig, reference_backtest, run_backtest
-from margin.policies import PolicyContext, cohort_table, make_policy
+from margin.bound import cohort_table
+from margin.policies import PolicyContext, make_policy
 from margin.population import PopulationConfig, generate_population
 from models.base import VolatilityForecast
 

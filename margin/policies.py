@@ -1,7 +1,8 @@
 """Margin policies: map forecasts and market state to a margin path (IM for new positions, MM for open ones).
 
 Every policy is a small frozen object with ``name`` and ``path(ctx: PolicyContext) -> MarginPath``;
-:func:`make_policy` builds one from its name and config.
+:func:`make_policy` builds one from its name and config. The optimizer lives in :mod:`margin.predictive`
+and the bound in :mod:`margin.bound` (their names stay importable from here).
 
 =================  ==========================================================================================
 name               rule
@@ -17,7 +18,8 @@ name               rule
                    of bootstrapped sums of the forecast's standardized residuals, worst of long and short
 ``predictive``     the optimizer (:class:`PredictivePolicy`): ``IM = max(floor, level (σ/σ_ref)^power
                    (1 + stress p_stressed))``, σ a blend of the forecast's 1-step and H-step volatility (and of
-                   the quantile-implied volatility when present); parameters fitted before the cut only
+                   the quantile-implied volatility when present); MM ``mm_fraction × IM`` or its own
+                   mapping (``mm_k``-sigma one-bar move); parameters fitted before the cut only
                    (:func:`fit_predictive`)
 ``oracle_vol``     IM from the REALISED future volatility (benchmark, not deployable; can lose to static)
 ``bound``          perfect-foresight cohort optimizer (:class:`BoundPolicy`): per bar's cohort of new
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -52,11 +53,9 @@ __all__ = [
     "StaticPolicy",
     "EwmaCcpPolicy",
     "GarchFhsPolicy",
-    "PredictivePolicy",
     "OracleVolPolicy",
-    "BoundPolicy",
     "make_policy",
-    "fit_predictive",
+    "mm_controlled",
     "slow_release",
     "POLICY_NAMES",
     "DEFAULT_IM_GRID",
@@ -233,7 +232,7 @@ def var_to_im(sigma_h: np.ndarray, z: float) -> np.ndarray:
     return np.expm1(z * np.asarray(sigma_h, dtype=np.float64))
 
 
-def _mm_controlled(name: str, ctx: PolicyContext, raw: np.ndarray, meta: dict[str, Any],
+def mm_controlled(name: str, ctx: PolicyContext, raw: np.ndarray, meta: dict[str, Any],
                    raw_mm: np.ndarray | None = None) -> MarginPath:
     cp = apply_controls(raw, ctx.controls, raw_mm)
     meta = {**meta, "controls": ctx.controls.to_dict()}
@@ -363,7 +362,7 @@ class EwmaCcpPolicy:
     def path(self, ctx: PolicyContext) -> MarginPath:
         meta = {"lam": self.lam, "confidence": self.confidence, "horizon": self.horizon, "apc": self.apc,
                 "lookback": self.lookback}
-        return _mm_controlled(self.name, ctx, self.raw(ctx), meta)
+        return mm_controlled(self.name, ctx, self.raw(ctx), meta)
 
 
 @dataclass(frozen=True)
@@ -418,7 +417,7 @@ class GarchFhsPolicy:
         im = np.maximum(-np.expm1(lo * sig), np.expm1(hi * sig))
         meta = {"confidence": self.confidence, "horizon": self.horizon, "measure": self.measure,
                 "tail_left": lo, "tail_right": hi, "resid_source": source, "forecast_bars": int(has.sum())}
-        return _mm_controlled(self.name, ctx, im, meta)
+        return mm_controlled(self.name, ctx, im, meta)
 
 
 @dataclass(frozen=True)
@@ -446,384 +445,6 @@ class OracleVolPolicy:
                           meta={"scale": self.scale, "horizon": self.horizon, "deployable": False})
 
 
-@dataclass(frozen=True)
-class PredictivePolicy:
-    """The optimizer's mapping from forecasts to IM (then the controls; MM = ``mm_fraction × IM``).
-
-    ``IM_raw = max(floor, level × (σ_t / sigma_ref)^power × (1 + stress × p_stressed_t))`` with
-    ``σ_t = exp(ω ln σ1 + (1-ω) ln σH)`` (σ1: the 1-step forecast volatility, σH: the root mean per-step
-    variance over the forecast's horizon), blended geometrically with the quantile-implied volatility
-    (``quantile_weight``) when the forecast has quantiles; ``sigma_ref`` is the median σ before the cut.
-    ``power < 1`` is a sub-proportional response, ``> 1`` super-proportional, 0 static.
-    ``release`` (in (0, 1]): the largest relative fall of the raw IM per bar, so that margin raised in a
-    volatile spell is released slowly (crashes cluster); 1 = no hold (the controls' cap still applies).
-    ``mm_binds``: ``"path"`` (the MM binds on open positions, increases after the notice)
-    or ``"entry"`` (each position keeps the MM of its entry bar: only new positions see changes, an
-    entry-IM policy like the bound). Both are in the fit's grid.
-    ``mm_k``: the MM mapping. 0 (default): ``MM = mm_fraction × IM`` as for every other policy. ``> 0``: MM
-    covers a ``mm_k``-sigma one-bar move, ``MM_t = exp(mm_k σ1_t) - 1`` (σ1: the 1-step forecast volatility),
-    the close-out (gap) risk a maintenance margin exists for, while IM keeps pricing the holding-horizon risk;
-    it then gets the controls (change cap, notice, floor ``mm_fraction × floor``) and never exceeds IM.
-    """
-
-    level: float = 0.10
-    power: float = 0.5
-    stress: float = 0.0
-    omega: float = 0.5
-    floor: float = 0.01
-    quantile_weight: float = 0.5
-    release: float = 1.0
-    mm_binds: Literal["path", "entry"] = "path"
-    mm_k: float = 0.0
-    sigma_ref: float | None = None
-    name: str = "predictive"
-    fitted: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def params(self) -> dict[str, float]:
-        """Numeric parameters (``mm_at_entry``: 1.0 when MM is fixed at entry, 0.0 when it follows the path)."""
-        return {"level": self.level, "power": self.power, "stress": self.stress, "omega": self.omega,
-                "floor": self.floor, "quantile_weight": self.quantile_weight, "release": self.release,
-                "mm_at_entry": 1.0 if self.mm_binds == "entry" else 0.0, "mm_k": self.mm_k,
-                "sigma_ref": float("nan") if self.sigma_ref is None else self.sigma_ref}
-
-    @staticmethod
-    def features(ctx: PolicyContext) -> dict[str, np.ndarray]:
-        var, has = aligned_variance(ctx)
-        s1 = np.sqrt(var[:, 0])
-        sh = np.sqrt(var.mean(axis=1))
-        out = {"s1": s1, "sh": sh, "stress": aligned_stress(ctx), "has": has}
-        fc = ctx.forecast
-        if fc is not None and fc.quantiles is not None and fc.quantile_levels:
-            lv = fc.quantile_levels
-            pos = fc.origins.searchsorted(ctx.times, side="right") - 1
-            q = fc.quantiles[np.maximum(pos, 0), 0, :]
-            zl, zh = norm.ppf(lv[0]), norm.ppf(lv[-1])
-            sq = np.full(len(ctx.bars), np.nan)
-            if zl < 0 < zh:
-                sq = np.maximum(q[:, 0] / zl, q[:, -1] / zh)
-            sq = np.where((pos >= 0) & (sq > 0), sq, s1)
-            out["sq"] = sq
-        return out
-
-    def sigma(self, feats: Mapping[str, np.ndarray]) -> np.ndarray:
-        ls = self.omega * np.log(feats["s1"]) + (1.0 - self.omega) * np.log(feats["sh"])
-        if "sq" in feats:
-            ls = (1.0 - self.quantile_weight) * ls + self.quantile_weight * np.log(feats["sq"])
-        return np.exp(ls)
-
-    def raw_from(self, feats: Mapping[str, np.ndarray], sigma_ref: float) -> np.ndarray:
-        x = self.sigma(feats) / sigma_ref
-        raw = np.maximum(self.floor, self.level * x**self.power * (1.0 + self.stress * feats["stress"]))
-        if self.release < 1.0:
-            raw = slow_release(raw, self.release)
-        return raw
-
-    def path(self, ctx: PolicyContext) -> MarginPath:
-        feats = self.features(ctx)
-        ref = self.sigma_ref
-        if ref is None:
-            k = ctx.cut_index()
-            s = self.sigma(feats)[: max(k, 1)]
-            ref = float(np.median(s))
-        raw = np.minimum(self.raw_from(feats, ref), 1.0)
-        raw_mm = np.minimum(var_to_im(feats["s1"], self.mm_k), 1.0) if self.mm_k > 0 else None
-        meta = {**self.params(), "mm_binds": self.mm_binds, "sigma_ref": ref,
-                **({"fit": self.fitted} if self.fitted else {})}
-        if self.mm_binds == "entry":
-            # MM fixed at entry (the MM target of the entry bar): open positions never see an MM change
-            cp = apply_controls(raw, ctx.controls, raw_mm)
-            return MarginPath(times=ctx.times, im_rate=cp.im_new, mm_rate=cp.mm_target,
-                              policy=self.name, meta={**meta, "controls": ctx.controls.to_dict()}, mm_binds="entry")
-        return _mm_controlled(self.name, ctx, raw, meta, raw_mm)
-
-
-def fit_predictive(
-    ctx: PolicyContext,
-    population: Any,
-    backtest_cfg: Any = None,
-    objective_weights: Mapping[str, float] | None = None,
-    *,
-    grid: Mapping[str, Sequence[float]] | None = None,
-    max_positions: int | None = 20_000,
-    rounds: int = 2,
-    refine: bool = True,
-    target_avg_im: float | None = None,
-    start: Any = None,
-) -> PredictivePolicy:
-    """Fit :class:`PredictivePolicy` on origins BEFORE ``ctx.cut`` by coordinate search over a grid.
-
-    Objective (USD): ``bad_debt + alpha × liquidations + beta × collateral_locked`` from
-    :func:`margin.backtest.run_backtest` on the window ``[start, cut)`` under the context's controls
-    (positions still open at the cut close there: nothing after the cut is seen). ``objective_weights``:
-    ``alpha`` (USD per liquidation, default 1 % of the median notional) and ``beta`` (USD per USD·bar of
-    collateral; default ``capital_cost_annual`` (0.10) per year converted with the bar length).
-
-    The search: coordinate descent over ``grid`` (``rounds`` passes over level, power, stress, omega, floor
-    mm_binds and mm_k, keeping every improvement), then (``refine``) a finer look at level and power between
-    their grid neighbours. With ``target_avg_im`` the level is not searched: for every candidate shape it is
-    solved so that the controlled IM averages ``target_avg_im`` over the bars before the cut, so the fit
-    picks the best SHAPE at the capital of ``static_<target_avg_im>`` (the claim compares policies at equal
-    collateral). Returns the fitted policy; ``policy.fitted`` records the weights, the best objective and its parts,
-    the number of evaluations and the search path.
-    """
-    from margin.backtest import BacktestConfig, _bars_per_day, run_backtest
-
-    if ctx.cut is None:
-        raise ValueError("fit_predictive needs ctx.cut (parameters are fitted on origins before it)")
-    cfg = backtest_cfg or BacktestConfig()
-    k = ctx.cut_index()
-    if k < 3:
-        raise ValueError(f"fit_predictive needs at least 3 bars before the cut {ctx.cut}, got {k}")
-    w = dict(objective_weights or {})
-    unknown = set(w) - {"alpha", "beta", "capital_cost_annual"}
-    if unknown:
-        raise ValueError(f"objective_weights has unknown keys {sorted(unknown)}; valid: alpha, beta, capital_cost_annual")
-    alpha = float(w.get("alpha", 0.01 * population.cfg.notional_median))
-    bpy = 365.0 * _bars_per_day(ctx.times)
-    beta = float(w.get("beta", float(w.get("capital_cost_annual", 0.10)) / bpy))
-    pop = population
-    if max_positions is not None and len(pop) > max_positions:
-        rng = np.random.default_rng(pop.cfg.seed + 7919)
-        pop = pop.subset(rng.choice(len(pop), size=max_positions, replace=False))
-    scale = len(population) / len(pop)
-    feats = PredictivePolicy.features(ctx)
-    base = PredictivePolicy(floor=ctx.controls.floor)
-    ref = float(np.median(base.sigma(feats)[:k]))
-    g = {
-        "level": (0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20, 0.25, 0.33, 0.4, 0.5),
-        "power": (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5),
-        "stress": (0.0, 0.25, 0.5, 1.0, 2.0),
-        "omega": (0.0, 0.5, 1.0),
-        "floor": tuple(sorted({ctx.controls.floor, 0.02, 0.03, 0.05, 0.08})),
-        "release": (1.0, 0.2, 0.05, 0.02),
-        "mm_binds": ("path", "entry"),
-        "mm_k": (0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0),
-    }
-    if grid:
-        g.update({k_: tuple(v) for k_, v in grid.items()})
-    if not np.any(feats["stress"] > 0):
-        g["stress"] = (0.0,)
-    end = ctx.bars.index[k] if k < len(ctx.bars) else None
-    cache: dict[tuple[float, ...], dict[str, float]] = {}
-    names: tuple[str, ...] = ("level", "power", "stress", "omega", "floor", "release", "mm_binds", "mm_k")
-    if target_avg_im is not None:
-        if not 0.0 < target_avg_im <= 1.0:
-            raise ValueError(f"target_avg_im must be in (0, 1], got {target_avg_im!r}")
-        names = names[1:]
-        g["level"] = (float(target_avg_im),)
-        # a floor above the target would set the IM by itself (the level solve could not reach the target)
-        g["floor"] = tuple(f for f in g["floor"] if f <= target_avg_im) or (min(ctx.controls.floor, target_avg_im),)
-
-    def solve_level(p: dict[str, Any]) -> tuple[float, MarginPath]:
-        lv = float(p["level"])
-        path = PredictivePolicy(**{**p, "level": lv}, sigma_ref=ref).path(ctx)
-        for _ in range(8):
-            m = float(np.mean(path.im_rate[:k]))
-            if abs(m / target_avg_im - 1.0) < 1e-3:
-                break
-            lv = min(max(lv * target_avg_im / m, 1e-4), 10.0)
-            path = PredictivePolicy(**{**p, "level": lv}, sigma_ref=ref).path(ctx)
-        return lv, path
-
-    def evaluate(p: dict[str, Any]) -> dict[str, float]:
-        key = tuple(p[n] for n in names)
-        if key not in cache:
-            if target_avg_im is None:
-                lv, path = p["level"], PredictivePolicy(**p, sigma_ref=ref).path(ctx)
-            else:
-                lv, path = solve_level(p)
-            res = run_backtest(ctx.bars, path, pop, cfg, start=start, end=end)
-            obj = scale * (res.bad_debt + alpha * res.liquidations + beta * res.collateral_locked)
-            cache[key] = {"objective": obj, "level": lv, "bad_debt": scale * res.bad_debt,
-                          "liquidations": scale * res.liquidations,
-                          "collateral_locked": scale * res.collateral_locked, "avg_collateral": res.avg_collateral}
-        return cache[key]
-
-    cur = {"level": 0.10, "power": 0.5, "stress": 0.0, "omega": 0.5, "floor": ctx.controls.floor, "release": 1.0,
-           "mm_binds": "path", "mm_k": 0.0}
-    for n in names:
-        if cur[n] not in g[n]:
-            cur[n] = g[n][len(g[n]) // 2]
-    best = evaluate(cur)
-    trace = [{**cur, **best}]
-    for _ in range(max(int(rounds), 1)):
-        improved = False
-        for n in names:
-            for v in g[n]:
-                cand = {**cur, n: v}
-                r = evaluate(cand)
-                if r["objective"] < best["objective"] - 1e-9 * max(1.0, abs(best["objective"])):
-                    cur, best, improved = cand, r, True
-                    trace.append({**cur, **best})
-        if not improved:
-            break
-    # refine the continuous parameters between their grid neighbours (three points on each side)
-    for n in ("level", "power"):
-        if refine and len(g[n]) > 1 and n in names:
-            vals = sorted(g[n])
-            i = vals.index(cur[n]) if cur[n] in vals else int(np.argmin(np.abs(np.asarray(vals) - cur[n])))
-            lo_v, hi_v = vals[max(i - 1, 0)], vals[min(i + 1, len(vals) - 1)]
-            for v in np.unique(np.r_[np.linspace(lo_v, cur[n], 4)[1:-1], np.linspace(cur[n], hi_v, 4)[1:-1]]):
-                cand = {**cur, n: float(v)}
-                r = evaluate(cand)
-                if r["objective"] < best["objective"] - 1e-9 * max(1.0, abs(best["objective"])):
-                    cur, best = cand, r
-                    trace.append({**cur, **best})
-    cur = {**cur, "level": float(best["level"])}
-    fitted = {"alpha": alpha, "beta": beta, "target_avg_im": target_avg_im, "objective": best, "evaluations": len(cache), "trace": trace,
-              "n_positions_fit": len(pop), "fit_end": str(end), "sigma_ref": ref}
-    log.info("predictive fitted: %s objective %.4g (%d evaluations)", cur, best["objective"], len(cache))
-    return PredictivePolicy(**cur, sigma_ref=ref, fitted=fitted)
-
-
-# ---------------------------------------------------------------------------------------------- bound
-@dataclass(frozen=True)
-class CohortTable:
-    """Per cohort (bar of entry) × IM grid level outcomes in the frozen setting (entry-fixed MM).
-
-    ``liquidations``, ``bad_debt``, ``collateral`` (USD·bars): arrays ``(n_bars, n_grid)``; ``exposure``
-    (USD·bars, the same for every level) per cohort; ``grid`` the IM levels.
-    """
-
-    grid: np.ndarray
-    liquidations: np.ndarray
-    bad_debt: np.ndarray
-    collateral: np.ndarray
-    exposure: np.ndarray
-    has_cohort: np.ndarray
-
-    def metric(self, objective: str) -> np.ndarray:
-        if objective not in ("liquidations", "bad_debt"):
-            raise ValueError(f"bound objective must be 'liquidations' or 'bad_debt', got {objective!r}")
-        return self.liquidations if objective == "liquidations" else self.bad_debt
-
-    def choose(self, objective: str, lam: float) -> np.ndarray:
-        """Grid index per cohort minimising ``metric + lam × collateral`` (ties: the lower IM)."""
-        score = self.metric(objective) + lam * self.collateral
-        return np.argmin(score, axis=1)
-
-    def totals(self, objective: str, choice: np.ndarray) -> tuple[float, float]:
-        rows = np.arange(choice.size)
-        return (float(self.metric(objective)[rows, choice].sum()), float(self.collateral[rows, choice].sum()))
-
-
-def cohort_table(bars: pd.DataFrame, population: Any, backtest_cfg: Any, grid: Sequence[float],
-                 mm_fraction: float, *, start: Any = None, end: Any = None) -> CohortTable:
-    """Backtest every grid level (static IM, MM fixed at entry, frozen setting) and sum outcomes per cohort."""
-    from margin.backtest import BacktestConfig, run_backtest
-
-    cfg = (backtest_cfg or BacktestConfig()).frozen_copy()
-    times = pd.DatetimeIndex(bars.index)
-    n = len(times)
-    gr = np.asarray(sorted(float(x) for x in grid))
-    L = np.zeros((n, gr.size))
-    B = np.zeros((n, gr.size))
-    C = np.zeros((n, gr.size))
-    E = np.zeros(n)
-    has = np.zeros(n, dtype=bool)
-    for j, im in enumerate(gr):
-        path = MarginPath(times=times, im_rate=np.full(n, im), mm_rate=np.full(n, mm_fraction * im),
-                          policy=f"static_{im:g}", mm_binds="entry")
-        res = run_backtest(bars, path, population, cfg, start=start, end=end, per_position=True)
-        pp = res.per_position
-        ob = pp["open_bar"]
-        L[:, j] = np.bincount(ob, weights=pp["liquidations"], minlength=n)
-        B[:, j] = np.bincount(ob, weights=pp["bad_debt"], minlength=n)
-        C[:, j] = np.bincount(ob, weights=pp["collateral"], minlength=n)
-        if j == 0:
-            E = np.bincount(ob, weights=pp["exposure"], minlength=n).astype(np.float64)
-            has = np.bincount(ob, minlength=n) > 0
-    return CohortTable(grid=gr, liquidations=L, bad_debt=B, collateral=C, exposure=E, has_cohort=has)
-
-
-@dataclass(frozen=True)
-class BoundPolicy:
-    """Perfect-foresight cohort optimizer (not deployable): the limit for entry-IM policies.
-
-    For each bar's cohort of new positions it picks the entry IM on ``grid`` that minimises
-    ``metric + lam × collateral_locked`` knowing the future (metric: ``objective`` = liquidations or
-    bad_debt); MM = ``mm_fraction × entry IM`` fixed for the position's life. In the frozen setting
-    (``BacktestConfig.frozen``) cohorts are independent, so the path is the best of all entry-IM paths on
-    its grid for its collateral. Give ``lam`` directly, or ``target_avg_collateral`` to solve for the
-    largest collateral not above it (bisection on ``lam``).
-    """
-
-    population: Any
-    backtest_cfg: Any = None
-    grid: tuple[float, ...] = DEFAULT_IM_GRID
-    objective: Literal["liquidations", "bad_debt"] = "liquidations"
-    lam: float | None = None
-    target_avg_collateral: float | None = None
-    start: Any = "cut"
-    end: Any = None
-    mm_fraction: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.objective not in ("liquidations", "bad_debt"):
-            raise ValueError(f"bound objective must be 'liquidations' or 'bad_debt', got {self.objective!r}")
-        if self.lam is None and self.target_avg_collateral is None:
-            object.__setattr__(self, "lam", 0.0)
-        if self.lam is not None and self.lam < 0:
-            raise ValueError(f"bound lam must be >= 0, got {self.lam!r}")
-
-    @property
-    def name(self) -> str:
-        return f"bound_{self.objective}"
-
-    def table(self, ctx: PolicyContext) -> CohortTable:
-        start = ctx.cut if self.start == "cut" else self.start
-        frac = ctx.controls.mm_fraction if self.mm_fraction is None else self.mm_fraction
-        return cohort_table(ctx.bars, self.population, self.backtest_cfg, self.grid, frac, start=start, end=self.end)
-
-    def path(self, ctx: PolicyContext, table: CohortTable | None = None) -> MarginPath:
-        tab = table if table is not None else self.table(ctx)
-        lam = self.lam if self.target_avg_collateral is None else solve_lambda(
-            tab, self.objective, self.target_avg_collateral)
-        return bound_path(ctx, tab, self.objective, lam, self.mm_fraction, name=self.name)
-
-
-def solve_lambda(tab: CohortTable, objective: str, target_avg_collateral: float, iters: int = 80) -> float:
-    """Smallest ``lam`` whose bound uses at most ``target_avg_collateral`` (collateral / exposure)."""
-    expo = float(tab.exposure.sum())
-    if expo <= 0:
-        return 0.0
-
-    def avg(lam: float) -> float:
-        return tab.totals(objective, tab.choose(objective, lam))[1] / expo
-
-    if avg(0.0) <= target_avg_collateral:
-        return 0.0
-    hi = 1e-15
-    while avg(hi) > target_avg_collateral and hi < 1e30:
-        hi *= 10.0
-    lo = hi / 10.0
-    for _ in range(iters):
-        mid = math.sqrt(lo * hi)
-        if avg(mid) > target_avg_collateral:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-def bound_path(ctx: PolicyContext, tab: CohortTable, objective: str, lam: float,
-               mm_fraction: float | None = None, name: str | None = None) -> MarginPath:
-    """The bound's margin path for one ``lam`` (bars without a cohort carry the previous level)."""
-    choice = tab.choose(objective, lam)
-    im = tab.grid[choice].astype(np.float64)
-    s = pd.Series(np.where(tab.has_cohort, im, np.nan)).ffill().bfill()
-    im = s.fillna(float(np.median(tab.grid))).to_numpy()
-    frac = ctx.controls.mm_fraction if mm_fraction is None else mm_fraction
-    metric, coll = tab.totals(objective, choice)
-    expo = float(tab.exposure.sum())
-    meta = {"objective": objective, "lam": lam, "grid": tab.grid.tolist(), "deployable": False,
-            "predicted_metric": metric, "predicted_collateral": coll,
-            "predicted_avg_collateral": coll / expo if expo > 0 else float("nan"),
-            "scored_in": "frozen setting (volume slippage off, bad debt before the fund, MM fixed at entry)"}
-    return MarginPath(times=ctx.times, im_rate=im, mm_rate=frac * im, policy=name or f"bound_{objective}",
-                      meta=meta, mm_binds="entry")
-
-
 # ---------------------------------------------------------------------------------------------- factory
 def make_policy(name: str, **cfg: Any) -> Any:
     """Build a policy by name: ``static_<im>``, ``ewma_ccp``, ``garch_fhs``, ``predictive``, ``oracle_vol``,
@@ -844,6 +465,8 @@ def make_policy(name: str, **cfg: Any) -> Any:
         if name == "garch_fhs":
             return GarchFhsPolicy(**cfg)
         if name == "predictive":
+            from margin.predictive import PredictivePolicy
+
             return PredictivePolicy(**cfg)
         if name == "oracle_vol":
             return OracleVolPolicy(**cfg)
@@ -854,7 +477,23 @@ def make_policy(name: str, **cfg: Any) -> Any:
                 raise ValueError("policy 'bound' needs population= (it optimizes per cohort of positions)")
             if "grid" in cfg:
                 cfg["grid"] = tuple(cfg["grid"])
+            from margin.bound import BoundPolicy
+
             return BoundPolicy(**cfg)
     except TypeError as exc:
         raise ValueError(f"bad config for policy {name!r}: {exc}") from None
     raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")
+
+
+# the optimizer and the bound live in their own modules; these names stay importable from here
+_MOVED = {"PredictivePolicy": "margin.predictive", "fit_predictive": "margin.predictive",
+          "CohortTable": "margin.bound", "cohort_table": "margin.bound", "BoundPolicy": "margin.bound",
+          "solve_lambda": "margin.bound", "bound_path": "margin.bound"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

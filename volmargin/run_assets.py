@@ -152,8 +152,8 @@ def scaled_path(path: Any, scale: float, controls: Any, *, deployable: bool = Tr
 
 def _bound_frontier(tab: Any, objective: str, targets: list[float]) -> Any:
     """Bound frontier (one objective) from its cohort table: one point per collateral target."""
+    from margin.bound import solve_lambda
     from margin.frontier import Frontier, FrontierPoint
-    from margin.policies import solve_lambda
 
     expo = float(tab.exposure.sum())
     pts = []
@@ -282,8 +282,9 @@ def evaluate_asset(
     """Fit, backtest and compare every policy on one asset (see the module docstring)."""
     from margin.backtest import run_backtest
     from margin.frontier import compare, frontier_from_results
-    from margin.policies import PolicyContext, fit_predictive, make_policy
+    from margin.policies import PolicyContext, make_policy
     from margin.population import generate_population
+    from margin.predictive import fit_predictive
 
     t0 = time.perf_counter()
     controls = build_controls(cfg)
@@ -429,7 +430,8 @@ def check_policy_settings(cfg: RunConfig) -> None:
     """Build every configured policy once (cheap), so a bad setting fails before any work."""
     import inspect
 
-    from margin.policies import fit_predictive, make_policy
+    from margin.policies import make_policy
+    from margin.predictive import fit_predictive
 
     pol = cfg.policies
     for name in ("ewma_ccp", "garch_fhs", "oracle_vol"):

@@ -9,26 +9,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import norm
 
+from margin import policies
 from margin.backtest import BacktestConfig, run_backtest
+from margin.bound import BoundPolicy, bound_path, cohort_table, solve_lambda
 from margin.controls import Controls
 from margin.policies import (
-    BoundPolicy,
     EwmaCcpPolicy,
     GarchFhsPolicy,
     MarginPath,
     OracleVolPolicy,
     PolicyContext,
-    PredictivePolicy,
     StaticPolicy,
-    bound_path,
-    cohort_table,
     ewma_variance,
-    fit_predictive,
     make_policy,
     slow_release,
-    solve_lambda,
 )
 from margin.population import PopulationConfig, generate_population
+from margin.predictive import PredictivePolicy, fit_predictive
 from models.base import VolatilityForecast
 
 
@@ -60,6 +57,12 @@ def forecast_for(bars, sig, H=3, seed=0, quantiles=False, regimes=False):
 
 
 class TestFactory:
+    def test_moved_names_still_importable(self):
+        assert policies.PredictivePolicy is PredictivePolicy and policies.fit_predictive is fit_predictive
+        assert policies.BoundPolicy is BoundPolicy and policies.solve_lambda is solve_lambda
+        with pytest.raises(AttributeError, match="no attribute 'nope'"):
+            _ = policies.nope
+
     def test_names(self):
         assert make_policy("static_0.10").im == 0.10 and make_policy("static_0.10").name == "static_0.10"
         assert isinstance(make_policy("ewma_ccp", apc="buffer"), EwmaCcpPolicy)
