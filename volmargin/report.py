@@ -134,11 +134,19 @@ def verdict(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
                 theirs = finite_or_none(comp.get(f"{rival}_vs_best_static", {}).get(f"{metric}_change"))
                 if mine is None or theirs is None:
                     a_mine, a_theirs = finite_or_none(pol.get("predictive", {}).get(metric)), finite_or_none(pol.get(rival, {}).get(metric))
+                    c_mine = finite_or_none(pol.get("predictive", {}).get("avg_collateral"))
+                    c_theirs = finite_or_none(pol.get(rival, {}).get("avg_collateral"))
                     absolute = ("" if a_mine is None or a_theirs is None else
                                 f"; absolute {metric.replace('_', ' ')}: predictive {a_mine:,.0f}, {rival} {a_theirs:,.0f}")
+                    # undefined relative changes; still a loss when the predictive policy has some, the rival none,
+                    # and the predictive policy locks at least as much collateral
+                    lost = (a_mine is not None and a_theirs is not None and a_mine > 0.0 and a_theirs == 0.0
+                            and c_mine is not None and c_theirs is not None and c_mine >= c_theirs)
                     rows.append({"scope": asset, "check": f"beats {rival} on {metric} (vs best static)",
-                                 "passed": None, "detail": f"relative change undefined (predictive {_pct(mine)}, "
-                                 f"{rival} {_pct(theirs)}){absolute}"})
+                                 "passed": False if lost else None,
+                                 "detail": f"relative change undefined (predictive {_pct(mine)}, "
+                                 f"{rival} {_pct(theirs)}){absolute}"
+                                 + (f" at more collateral ({100 * c_mine:.1f}% vs {100 * c_theirs:.1f}%)" if lost else "")})
                 else:
                     ok = mine < theirs
                     gap = "" if ok else f"; short by {100 * (mine - theirs):.1f} points"
@@ -165,8 +173,12 @@ def verdict(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         changes = f"pooled changes: predictive {_pct(pp.get(f'{metric}_change'))}, bound {_pct(bb.get(f'{metric}_change'))}"
         check = f"captures >= 50% of the bound's {metric} reduction"
         if not shares:
-            rows.append({"scope": "pooled", "check": check, "passed": None,
-                         "detail": f"no asset has a defined share; {changes}"})
+            worse = [r["scope"] for r in rows if r["scope"] != "pooled" and r["check"] == check and r["passed"] is False]
+            n_assets = len(summary.get("assets", {}))
+            rows.append({"scope": "pooled", "check": check, "passed": False if worse else None,
+                         "detail": (f"no asset has a defined share; the predictive policy adds {metric.replace('_', ' ')} "
+                                    f"where the best static has none on {len(worse)} of {n_assets} assets "
+                                    f"({', '.join(worse)}); " if worse else "no asset has a defined share; ") + changes})
             continue
         share = float(np.mean(shares))
         ok = share >= TARGET_SHARE

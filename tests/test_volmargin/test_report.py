@@ -72,6 +72,22 @@ class TestVerdict:
         row = next(r for r in verdict(s) if r["scope"] == "BTC" and "bad_debt reduction" in r["check"])
         assert row["passed"] is passed and word in row["detail"] and f"{own:,.0f}" in row["detail"]
 
+    def test_rival_without_bad_debt_at_less_collateral_wins(self) -> None:
+        none = {"liquidations_change": -0.1, "bad_debt_change": None, "share_of_bound_liquidations": 0.2,
+                "share_of_bound_bad_debt": None}
+        pred = {**GOOD, "bad_debt_change": None, "share_of_bound_bad_debt": None, "best_static_bad_debt": 0.0}
+        s = _summary(pred, none, none)
+        pol = s["assets"]["BTC"]["policies"]
+        pol["predictive"].update(bad_debt=10.0, avg_collateral=0.3)
+        pol["ewma_ccp"].update(bad_debt=0.0, avg_collateral=0.2)
+        pol["garch_fhs"] = {"bad_debt": 0.0, "avg_collateral": 0.4}  # more collateral: not comparable
+        rows = {r["check"]: r for r in verdict(s) if r["scope"] == "BTC"}
+        assert rows["beats ewma_ccp on bad_debt (vs best static)"]["passed"] is False
+        assert "at more collateral (30.0% vs 20.0%)" in rows["beats ewma_ccp on bad_debt (vs best static)"]["detail"]
+        assert rows["beats garch_fhs on bad_debt (vs best static)"]["passed"] is None
+        pooled = next(r for r in verdict(s) if r["scope"] == "pooled" and "bad_debt" in r["check"])
+        assert pooled["passed"] is False and "on 1 of 1 assets (BTC)" in pooled["detail"]
+
     def test_pooled_share_is_mean_of_asset_shares(self) -> None:
         s = _summary(GOOD, RIVAL, RIVAL)
         s["assets"]["ETH"] = {"policies": s["assets"]["BTC"]["policies"],
