@@ -7,11 +7,21 @@
     3. builds per-bar features (:mod:`models.neural.dataset`), standardizes them with a scaler
        fitted on the training part only, cuts ``lookback``-bar windows;
     4. trains the network (:mod:`models.neural.trainer`): QLIKE of the log-variance head against the
-       target proxy at steps ``1..horizon``, pinball loss of the quantile head, cross-entropy of the
-       regime head; early stopping on the validation QLIKE; deterministic on CPU.
+       target proxy at steps ``1..horizon``, pinball loss of the quantile head (started at the
+       training returns' standardized quantiles), cross-entropy of the regime head; early stopping
+       on the validation QLIKE; deterministic on CPU;
+    5. calibrates the standardized return quantiles on the validation block (coverage matching, see
+       :mod:`models.neural.calibration`; ``quantile_calibration``) and keeps the block's breach rates
+       in ``quantile_calibration_``.
+
+Return quantiles are per step, like the variance: ``quantiles[i, k-1, j]`` is the ``levels[j]``
+quantile of the one-bar return of bar ``t + k``, ``sigma_k`` times the (calibrated) standardized
+quantile, non-decreasing across levels.
+
 ``update(new_bars)`` appends bars to a short buffer (and advances the regime filter); nothing is
 retrained. ``predict_variance(h)`` runs the network on the last window; steps beyond the trained
-``horizon`` repeat the last trained step.
+``horizon`` repeat the last trained step. ``predict_path(frame, h)`` gives the same forecasts for
+every origin of a frame in one batched pass (for out-of-sample evaluation).
 
 The hybrid model adds the network's output to the log of a log-HAR forecast (fitted on the training
 part): the network learns a correction in log space.
@@ -25,8 +35,9 @@ import numpy as np
 import pandas as pd
 
 from models._inputs import VARIANCE_FLOOR, aligned_returns
-from models.base import Forecaster, VolatilityForecast, register
+from models.base import Forecaster, VolatilityForecast, _utc, register
 from models.har import LogHAR
+from models.neural.calibration import METHODS, fit_quantile_calibration, monotone_levels
 from models.neural.dataset import (
     bar_features,
     default_windows,
@@ -81,6 +92,11 @@ class NeuralForecaster(Forecaster):
         Number of most recent bars whose one-step standardized residuals are kept (for FHS).
     min_train_windows : int
         Fewest training windows accepted by ``fit``.
+    quantile_calibration : {"none", "scale", "shift"}
+        Correction of the standardized return quantiles fitted on the validation block (the end of
+        the fit window; :mod:`models.neural.calibration`): ``"scale"`` one dispersion factor,
+        ``"shift"`` split-conformal shifts per level. The block's breach rates before and after are
+        kept in ``quantile_calibration_`` either way (a diagnostic of the head).
     """
 
     name = "gru"
@@ -109,6 +125,7 @@ class NeuralForecaster(Forecaster):
         n_threads: int = 1,
         resid_bars: int = 2000,
         min_train_windows: int = 200,
+        quantile_calibration: str = "scale",
     ) -> None:
         self.lookback = lookback
         self.horizon = horizon
@@ -128,6 +145,7 @@ class NeuralForecaster(Forecaster):
         self.n_threads = n_threads
         self.resid_bars = resid_bars
         self.min_train_windows = min_train_windows
+        self.quantile_calibration = quantile_calibration
 
     @classmethod
     def test_params(cls) -> dict[str, Any]:
@@ -141,6 +159,11 @@ class NeuralForecaster(Forecaster):
                 raise ValueError(f"{k} must be a positive integer, got {v!r}")
         if not 0.0 < float(self.val_frac) < 0.5:
             raise ValueError(f"val_frac must be in (0, 0.5), got {self.val_frac!r}")
+        lv = np.asarray(self.quantile_levels, dtype=np.float64)
+        if lv.ndim != 1 or len(lv) < 1 or np.any((lv <= 0) | (lv >= 1)) or np.any(np.diff(lv) <= 0):
+            raise ValueError(f"quantile_levels must be increasing levels in (0, 1), got {self.quantile_levels!r}")
+        if self.quantile_calibration not in METHODS:
+            raise ValueError(f"quantile_calibration must be one of {METHODS}, got {self.quantile_calibration!r}")
         if self.target != "ret2" and self.target not in frame.columns:
             raise ValueError(f"target must be 'ret2' or a variance column of the frame, got {self.target!r}")
 
@@ -222,6 +245,16 @@ class NeuralForecaster(Forecaster):
             net, train, val, cfg, base_train=self._base(raw, tr_ends), base_val=self._base(raw, va_ends)
         )
         self.net_ = net
+        out = predict_network(net, val.X, self._base(raw, va_ends))
+        with np.errstate(invalid="ignore"):
+            z_val = val.y_ret / np.sqrt(np.maximum(np.exp(out["log_var"]), VARIANCE_FLOOR))
+        self.quantile_calibration_ = fit_quantile_calibration(
+            z_val,
+            out["z_quantiles"],
+            tuple(float(x) for x in self.quantile_levels),
+            method=self.quantile_calibration,  # type: ignore[arg-type]
+            block=(frame.index[va_ends[0]].isoformat(), frame.index[va_ends[-1]].isoformat()),
+        )
         self._filter(frame)
 
     # ------------------------------------------------------------------ state
@@ -278,22 +311,38 @@ class NeuralForecaster(Forecaster):
         self.pbuf_ = None if pbuf is None else pbuf.iloc[-self._buflen :]
 
     # ------------------------------------------------------------------ forecast
+    def _network_forecast(
+        self, raw: np.ndarray, fs: np.ndarray, ends: np.ndarray, horizon: int
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """Per-step variance ``(n, horizon)``, return quantiles ``(n, horizon, Q)``, raw network
+        outputs and whether each window was complete, for windows ending at ``ends``."""
+        X = self._windows_X(fs, ends)
+        complete = np.all(np.isfinite(X), axis=(1, 2))
+        X = np.nan_to_num(X, nan=0.0)  # missing inputs at their training mean
+        raw_last = np.nan_to_num(raw, nan=float(np.log(VARIANCE_FLOOR)))
+        out = predict_network(self.net_, X, self._base(raw_last, ends))
+        lv = out["log_var"]
+        steps = np.minimum(np.arange(horizon), lv.shape[1] - 1)
+        var = np.maximum(np.exp(lv[:, steps]), VARIANCE_FLOOR)
+        zq = out["z_quantiles"][:, steps, :]
+        cal = getattr(self, "quantile_calibration_", None)
+        zq = monotone_levels(zq) if cal is None else cal.apply(zq)
+        return var, np.sqrt(var)[:, :, None] * zq, out, complete
+
+    def _quantile_meta(self, fc: VolatilityForecast) -> VolatilityForecast:
+        cal = getattr(self, "quantile_calibration_", None)
+        if cal is not None:
+            fc.meta["quantile_calibration"] = {"method": cal.method, "scale": float(cal.scale), "shift": cal.shift.tolist()}
+        return fc
+
     def _predict(self, horizon: int) -> VolatilityForecast:
         raw, fs = self._feats(self.buf_, self.pbuf_)
         end = np.array([len(fs) - 1])
-        X = self._windows_X(fs, end)
-        complete = bool(np.all(np.isfinite(X)))
-        X = np.nan_to_num(X, nan=0.0)  # missing inputs at their training mean
-        raw_last = np.nan_to_num(raw, nan=float(np.log(VARIANCE_FLOOR)))
-        out = predict_network(self.net_, X, self._base(raw_last, end))
-        lv = out["log_var"][0]
-        self._f1_cache = (self.last_time_, float(np.exp(lv[0]))) if complete else None
-        steps = np.minimum(np.arange(horizon), len(lv) - 1)
-        var = np.maximum(np.exp(lv[steps]), VARIANCE_FLOOR)
-        zq = out["z_quantiles"][0][steps]
+        var, q, out, complete = self._network_forecast(raw, fs, end, horizon)
+        self._f1_cache = (self.last_time_, float(np.exp(out["log_var"][0, 0]))) if complete[0] else None
         extra: dict[str, Any] = {
             "std_resid": self.std_resid_,
-            "quantiles": (np.sqrt(var)[:, None] * zq)[None, :, :],
+            "quantiles": q,
             "quantile_levels": tuple(float(x) for x in self.quantile_levels),
         }
         if self.pbuf_ is not None:
@@ -301,9 +350,60 @@ class NeuralForecaster(Forecaster):
             if np.all(np.isfinite(p)):
                 extra["regime_probs"] = (p / p.sum())[None, :]
                 extra["regime_names"] = tuple(self.pbuf_.columns)
-        fc = self._forecast(var, **extra)
+        fc = self._forecast(var[0], **extra)
         fc.meta["predicted_regime_probs"] = out["regime_probs"][0].tolist()
-        return fc
+        return self._quantile_meta(fc)
+
+    def predict_path(self, frame: pd.DataFrame, horizon: int = 1, *, start: Any = None) -> VolatilityForecast:
+        """Forecasts from every bar of ``frame`` as an origin, with the fitted parameters (batched).
+
+        Row ``i`` equals ``filter(frame.iloc[: j + 1]).predict_variance(horizon)`` for the origin at
+        position ``j`` (the same as fitting on a prefix of ``frame`` and calling ``update`` bar by
+        bar up to ``j``), computed in one pass; the model's state is left unchanged. Meant for
+        out-of-sample evaluation over many origins.
+
+        Parameters
+        ----------
+        frame : pd.DataFrame
+            Feature frame from its first bar (the regime filter and the trailing HAR means start
+            there), e.g. the fit window followed by the test bars.
+        horizon : int
+            Steps per origin.
+        start : timestamp, optional
+            First origin (UTC); default the first bar with a full ``lookback`` window.
+
+        Returns
+        -------
+        VolatilityForecast
+            Origins × ``horizon`` per-step variance with the return quantiles; regime
+            probabilities when every origin has them. ``std_resid`` is not set (it is a property of
+            one origin's trailing history).
+        """
+        self._check_fitted()
+        if not isinstance(horizon, int | np.integer) or horizon < 1:
+            raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
+        frame = self._validate_frame(frame)
+        probs = self.regime_.regime_probabilities(frame) if self.use_regimes else None
+        raw, fs = self._feats(frame, probs)
+        first = int(self.lookback) - 1
+        if start is not None:
+            first = max(first, int(frame.index.searchsorted(_utc(start), side="left")))
+        if first >= len(frame):
+            raise ValueError(
+                f"start={start!r} leaves no origin in a frame of {len(frame)} bars with lookback={self.lookback}"
+            )
+        ends = np.arange(first, len(frame))
+        var, q, _, _ = self._network_forecast(raw, fs, ends, int(horizon))
+        extra: dict[str, Any] = {"quantiles": q, "quantile_levels": tuple(float(x) for x in self.quantile_levels)}
+        if probs is not None:
+            p = probs.to_numpy()[ends]
+            if np.all(np.isfinite(p)):
+                extra["regime_probs"] = p / p.sum(axis=1, keepdims=True)
+                extra["regime_names"] = tuple(probs.columns)
+        fc = VolatilityForecast(
+            origins=frame.index[ends], variance=var, model=self.name, version=self.spec_hash(), **extra
+        )
+        return self._quantile_meta(fc)
 
 
 @register

@@ -2,6 +2,13 @@
 
 AdamW, mini-batches shuffled by a seeded ``torch.Generator``, early stopping on the QLIKE of a
 validation block (the end of the training window), best weights restored.
+
+Before the first step the variance head starts at the log of the mean proxy and the quantile head at
+the empirical quantiles of the training returns standardized by that starting variance (see
+:meth:`models.neural.networks.Heads.init_quantiles`). The pinball term is light (``w_quantile``) and
+early stopping watches the variance loss only, so training runs few epochs: a quantile head started
+at its default (first output near 0, softplus(0) = 0.69 increments) never reached the tails and
+its 1 % return quantile sat near -0.75 sigma (15 % breaches out of sample on BTC).
 ``torch.use_deterministic_algorithms(True)`` and a small thread count make runs repeatable.
 """
 
@@ -14,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import nn
 
 from models.neural.dataset import WindowSet
@@ -71,6 +79,20 @@ def _tensors(ws: WindowSet, base: np.ndarray | None) -> dict[str, torch.Tensor]:
     return t
 
 
+def _initial_z_quantiles(net: nn.Module, tr: dict[str, torch.Tensor], levels: tuple[float, ...]) -> np.ndarray:
+    """Empirical quantiles ``(H, Q)`` of the training returns standardized by the untrained variance head."""
+    net.eval()
+    out = net(tr["X"])
+    sd = torch.exp(0.5 * (out["log_var"] + tr["base"])).double().numpy()
+    z = tr["y_ret"].double().numpy() / sd
+    H = z.shape[1]
+    zq = np.zeros((H, len(levels)))
+    for k in range(H):
+        zk = z[:, k][np.isfinite(z[:, k])]
+        zq[k] = np.quantile(zk, levels) if len(zk) else stats.norm.ppf(levels)
+    return np.maximum.accumulate(zq, axis=1)
+
+
 def _loss(net: nn.Module, b: dict[str, torch.Tensor], cfg: TrainConfig, levels: torch.Tensor) -> tuple:
     out = net(b["X"])
     log_var = out["log_var"] + b["base"]
@@ -106,6 +128,8 @@ def train_network(
         m = torch.isfinite(y)
         mean_log = torch.log(torch.where(m, y, torch.zeros_like(y)).sum() / m.sum()).item()
         net.heads.log_var.bias.fill_(mean_log - float(tr["base"].mean()))
+        if cfg.quantile_levels:
+            net.heads.init_quantiles(torch.from_numpy(_initial_z_quantiles(net, tr, cfg.quantile_levels)))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(int(cfg.seed))
     n = len(train.X)
