@@ -167,3 +167,139 @@ class TestValidation:
     def test_too_few_returns(self, garch_frame):
         with pytest.raises(ValueError, match="needs at least min_obs=100 returns, got 50"):
             ArchForecaster().fit(garch_frame.iloc[:50])
+
+
+# ---------------------------------------------------------------------------- estimate checks (LTC EGARCH)
+#: the estimate arch's SLSQP returned with flag 0 for EGARCH(1,1,1)-t on LTC's first 379 returns
+#: (2016-08-25 .. 2017-09-12, one-thread BLAS): stationary, but log-variance swings by hundreds per shock
+LTC_DEGENERATE = np.array([-0.0161, 133.164, -534.0621, 0.9387, 2.1117])
+
+
+def _optimizer_returns(monkeypatch, x: np.ndarray) -> None:
+    """Make arch's optimizer report success (status 0) at ``x``: the failure mode seen on LTC."""
+    import arch.univariate.base as arch_base
+    from scipy.optimize import OptimizeResult
+
+    def fake_minimize(func, sv, args=(), **kw):
+        return OptimizeResult(x=np.asarray(x, dtype=float), fun=float(func(np.asarray(x, dtype=float), *args)),
+                              status=0, success=True, message="forced", nit=1)
+
+    monkeypatch.setattr(arch_base, "minimize", fake_minimize)
+
+
+class TestEstimateChecks:
+    def test_degenerate_converged_estimate_is_rejected_and_counted(self, garch_frame, monkeypatch, caplog):
+        f = EGARCHForecaster().fit(garch_frame.iloc[:1000])
+        good = f.params_.copy()
+        _optimizer_returns(monkeypatch, LTC_DEGENERATE)
+        with caplog.at_level(logging.WARNING, logger="models.garch"):
+            f.fit(garch_frame.iloc[:1020])
+        assert f.used_fallback_ and not f.converged_
+        assert f.n_fallbacks_ == 1 and f.n_rejected_fits_ == 1
+        pd.testing.assert_series_equal(f.params_, good)
+        assert "below" in f.rejection_ or "variance_bounds" in f.rejection_
+        assert "estimate rejected" in caplog.text and "fallback #1" in caplog.text
+        # the kept parameters forecast what arch forecasts with them (independent reference)
+        from arch import arch_model
+
+        ref = arch_model(garch_frame["ret"].iloc[:1020] * 100, mean="Zero", vol="EGARCH", p=1, o=1, q=1, dist="t",
+                         rescale=False).fix(good).forecast(horizon=1, reindex=False)
+        np.testing.assert_allclose(f.predict_variance(1).variance[0, 0], ref.variance.to_numpy()[-1, 0] / 1e4,
+                                   rtol=1e-10)
+        assert f.diagnostics() == {"fallbacks": 1, "rejected_fits": 1, "cold_starts": 0,
+                                   "start_warnings": 0, "variance_clipped": 0}
+
+    def test_non_stationary_egarch_is_rejected(self, garch_frame, monkeypatch):
+        f = EGARCHForecaster().fit(garch_frame.iloc[:1000])
+        x = f.params_.to_numpy().copy()
+        x[3] = 1.0  # beta on arch's bound: a unit root in log-variance
+        _optimizer_returns(monkeypatch, x)
+        f.fit(garch_frame.iloc[:1020])
+        assert f.used_fallback_ and "not stationary: sum(beta) = 1" in f.rejection_
+
+    def test_first_fit_degenerate_raises(self, garch_frame, monkeypatch):
+        _optimizer_returns(monkeypatch, LTC_DEGENERATE)
+        with pytest.raises(RuntimeError, match="no earlier good parameters to fall back on"):
+            EGARCHForecaster().fit(garch_frame.iloc[:1000])
+
+    def test_walk_forward_ltc_like_spike_stays_finite(self, garch_frame, monkeypatch):
+        """A refit schedule where one refit degenerates: every forecast stays inside the band."""
+        f = EGARCHForecaster(simulations=200)
+        f.fit(garch_frame.iloc[:1000])
+        out = [f.predict_variance(5).variance[0]]
+        with monkeypatch.context() as m:
+            _optimizer_returns(m, LTC_DEGENERATE)
+            f.fit(garch_frame.iloc[:1020])
+            out.append(f.predict_variance(5).variance[0])
+        f.fit(garch_frame.iloc[:1040])  # warm-starts from the last good parameters again
+        out.append(f.predict_variance(5).variance[0])
+        v = np.mean(garch_frame["ret"].iloc[:1040].to_numpy() ** 2)
+        assert f.converged_ and f.n_fallbacks_ == 1
+        assert np.all((np.array(out) > 1e-3 * v) & (np.array(out) < 1e2 * v))
+
+
+class TestVarianceBounds:
+    def test_forecast_clipped_to_band_and_counted(self, garch_frame, caplog):
+        f = ArchForecaster().fit(garch_frame.iloc[:2000])
+        sd = garch_frame["ret"].iloc[:2000].std()
+        shock = pd.DataFrame({"ret": [60.0 * sd]}, index=[garch_frame.index[2000]])
+        f.update(shock)
+        from arch import arch_model
+
+        y = np.append(garch_frame["ret"].iloc[:2000].to_numpy(), shock["ret"].to_numpy()) * 100
+        raw = arch_model(y, mean="Zero", vol="GARCH", p=1, q=1, dist="t", rescale=False).fix(f.params_).forecast(
+            horizon=3, reindex=False).variance.to_numpy()[-1] / 1e4
+        cap = 100.0 * f.sample_variance_
+        assert raw[0] > cap  # arch's own forecast leaves the band
+        with caplog.at_level(logging.WARNING, logger="models.garch"):
+            fc = f.predict_variance(3).variance[0]
+        expected = np.minimum(raw, cap)
+        np.testing.assert_allclose(fc, expected, rtol=1e-10)
+        assert f.n_variance_clipped_ == int((raw > cap).sum()) >= 1
+        assert f.diagnostics()["variance_clipped"] == f.n_variance_clipped_
+        assert "clipped" in caplog.text
+        np.testing.assert_allclose(f.sample_variance_, np.mean(garch_frame["ret"].iloc[:2000].to_numpy() ** 2))
+
+    @pytest.mark.parametrize("bounds", [(0.0, 10.0), (0.5, 0.9), (1e-3,), (1e-3, float("inf"))])
+    def test_bad_bounds(self, garch_frame, bounds):
+        with pytest.raises(ValueError, match="variance_bounds must be"):
+            ArchForecaster(variance_bounds=bounds).fit(garch_frame.iloc[:500])
+
+
+class TestStartingValues:
+    def test_unrepairable_warm_start_goes_cold_without_warning(self, garch_frame, monkeypatch):
+        """Starting values arch would reject are never passed to it: arch's defaults are used, counted."""
+        import warnings
+
+        from arch.utility.exceptions import StartingValueWarning
+
+        import models.garch as mg
+
+        f = ArchForecaster().fit(garch_frame.iloc[:2000])
+        f.last_good_params_ = pd.Series([0.01, 0.12, 0.88 + 1e-3, 4.0], index=f.params_.index)  # alpha+beta > 1
+        monkeypatch.setattr(mg, "_feasible_start", lambda am, y, sv, margin=1e-6: np.asarray(sv, dtype=float))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            f.fit(garch_frame.iloc[:2001])
+        assert not [w for w in caught if issubclass(w.category, StartingValueWarning)]
+        assert f.n_cold_starts_ == 1 and not f.warm_started_ and f.converged_
+        assert f.diagnostics()["cold_starts"] == 1
+
+    def test_feasibility_check_matches_arch(self, garch_frame):
+        """``_is_feasible`` says True exactly when arch accepts the values without a StartingValueWarning."""
+        import warnings
+
+        from arch.utility.exceptions import StartingValueWarning
+
+        from models.garch import _is_feasible
+
+        y = 100 * garch_frame["ret"].to_numpy()[:1500]
+        f = GJRForecaster()
+        for sv in ([0.05, 0.05, 0.1, 0.85, 6.0], [0.05, 0.05, 0.1, 0.95, 6.0], [0.05, -0.01, 0.1, 0.85, 6.0],
+                   [0.05, 0.05, 0.1, 0.85, 1.5]):
+            am = f._model(y)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                am.fit(disp="off", show_warning=False, starting_values=np.array(sv), options={"maxiter": 1})
+            arch_warned = any(issubclass(w.category, StartingValueWarning) for w in caught)
+            assert _is_feasible(am, y, np.array(sv)) == (not arch_warned), sv
