@@ -81,3 +81,69 @@ class TestHAR:
             HAR(column="rv2").fit(frame)
         with pytest.raises(ValueError, match="needs at least min_obs=60 complete rows"):
             HAR().fit(frame.iloc[:80])
+
+
+def spike_frame(n: int = 600, seed: int = 0) -> pd.DataFrame:
+    """Variance ~1e-4 with spikes every 25 bars, each followed by a quiet bar (so OLS learns a negative
+    weight on the last bar), ending on a spike 100x the usual level: linear HAR predicts a negative variance."""
+    rng = np.random.default_rng(seed)
+    v = 1e-4 * np.exp(0.3 * rng.standard_normal(n))
+    for t in range(20, n - 2, 25):
+        v[t], v[t + 1] = 5e-4, 1e-5
+    v[-1] = 1e-2
+    idx = pd.date_range("2020-01-01", periods=n, freq="D", tz="UTC")
+    return pd.DataFrame({"ret": np.sqrt(v) * rng.standard_normal(n), "var_gk": v}, index=idx)
+
+
+class TestRelativeFloor:
+    def test_negative_prediction_after_spike_floors_at_fraction_of_mean(self, caplog):
+        import logging
+
+        frame = spike_frame()
+        f = HAR(column="var_gk", max_horizon=3).fit(frame)
+        v = frame["var_gk"].to_numpy()
+        raw = f.coef_ @ np.array([1.0, v[-1], v[-7:].mean(), v[-30:].mean()])
+        assert np.all(raw < 0)  # the unconstrained OLS prediction after the spike
+        floor = 0.05 * v.mean()
+        with caplog.at_level(logging.WARNING, logger="models.har"):
+            fc = f.predict_variance(3).variance[0]
+        np.testing.assert_allclose(fc, floor, rtol=1e-12)
+        assert f.variance_floor_ == pytest.approx(floor, rel=1e-12)
+        assert f.n_floor_binds_ == 3 and "below the floor" in caplog.text
+        # QLIKE of the next bar at the usual spike level stays O(100), not O(1e9) as with a 1e-12 floor
+        y = 5e-4
+        assert y / fc[0] - np.log(y / fc[0]) - 1 < 100
+
+    def test_in_sample_binds_counted_against_a_plain_loop(self):
+        frame = spike_frame()
+        f = HAR(column="var_gk", max_horizon=1).fit(frame)
+        v = frame["var_gk"].to_numpy()
+        b = f.coef_[0]
+        below = 0
+        for t in range(len(v) - 1):  # one-step in-sample values from the trailing means at t
+            x = [v[t], v[max(0, t - 6) : t + 1].mean(), v[max(0, t - 29) : t + 1].mean()]
+            below += (b[0] + b[1:] @ x) < f.variance_floor_
+        assert below > 0 and f.n_floor_binds_in_sample_ == below
+        z = f.predict_variance(1).std_resid
+        r = frame["ret"].to_numpy()[1:]
+        assert np.max(np.abs(z)) <= np.max(np.abs(r)) / np.sqrt(f.variance_floor_) + 1e-12
+        assert f.diagnostics() == {"floor_binds": 1, "floor_binds_in_sample": below}
+
+    def test_counters_accumulate_over_refits(self):
+        frame = spike_frame()
+        f = HAR(column="var_gk", max_horizon=1).fit(frame.iloc[:-1])
+        f.predict_variance(1)
+        n1 = f.n_floor_binds_
+        f.fit(frame)
+        f.predict_variance(1)
+        assert f.n_floor_binds_ == n1 + 1
+
+    def test_loghar_floor_is_relative_too(self):
+        f = LogHAR(column="var_gk", max_horizon=1).fit(spike_frame())
+        assert f.variance_floor_ == pytest.approx(0.05 * spike_frame()["var_gk"].mean(), rel=1e-12)
+        assert f.predict_variance(1).variance[0, 0] >= f.variance_floor_
+
+    @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1])
+    def test_bad_ratio(self, ratio):
+        with pytest.raises(ValueError, match=r"min_variance_ratio must be in \(0, 1\), got"):
+            HAR(column="var_gk", min_variance_ratio=ratio).fit(spike_frame())
