@@ -109,6 +109,13 @@ def _policy_entry(res: Any, coverage: Mapping[str, Any]) -> dict[str, Any]:
         "avg_collateral": float(res.avg_collateral),
         "traffic_light": coverage.get("traffic_light"),
         "max_im_increase_5d": float(res.max_im_increase_5d),
+        # beyond the contract: what the backtest returns, for readers of the summary alone
+        "liquidated_notional": float(res.liquidated_notional),
+        "fund_draw": float(res.fund_draw),
+        "uncovered_bad_debt": float(res.uncovered_bad_debt),
+        "max_im_increase_1d": float(res.max_im_increase_1d),
+        "max_im_increase_10d": float(res.max_im_increase_10d),
+        "peak_to_trough": float(res.peak_to_trough),
     }
 
 
