@@ -20,6 +20,8 @@ from volmargin.run import _pooled, config_hash, horizon_breaches, scaled_path, s
 runner = CliRunner()
 
 POLICY_KEYS = {"liquidations", "bad_debt", "avg_collateral", "traffic_light", "max_im_increase_5d"}
+POLICY_EXTRA_KEYS = {"liquidated_notional", "fund_draw", "uncovered_bad_debt", "max_im_increase_1d",
+                     "max_im_increase_10d", "peak_to_trough"}
 COMPARISON_KEYS = {"liquidations_change", "bad_debt_change", "share_of_bound_liquidations", "share_of_bound_bad_debt"}
 POOLED_KEYS = {"liquidations_change", "bad_debt_change", "n_assets"}
 
@@ -83,7 +85,8 @@ class TestSummary:
             "ewma_ccp", "garch_fhs", "predictive", "oracle_vol", "bound_liquidations", "bound_bad_debt"}
         assert set(a["policies"]) == expected
         for name, p in a["policies"].items():
-            assert set(p) == POLICY_KEYS, name
+            assert set(p) == POLICY_KEYS | POLICY_EXTRA_KEYS, name
+            assert p["uncovered_bad_debt"] <= p["bad_debt"] + 1e-9 and p["fund_draw"] <= p["bad_debt"] + 1e-9, name
             assert isinstance(p["liquidations"], int) and p["liquidations"] >= 0
             assert isinstance(p["bad_debt"], float) and p["bad_debt"] >= 0
             assert 0 < p["avg_collateral"] <= 1
