@@ -15,8 +15,10 @@ Schedule (all in bars of the feature frame, origin ``t`` = the last bar seen):
 * A refit that raises keeps the previous parameters (counted as a fallback, logged); the models' own
   convergence fallbacks (``n_fallbacks_`` / ``fallback_``) are counted as well.
 
-:func:`run_tasks` fans (asset, model) tasks out through ``volmargin.executor`` and returns results to the
-driver; workers never log to MLflow.
+:func:`run_tasks` fans (asset, model) tasks out through an executor and returns results to the driver;
+workers never log to MLflow. An executor is any object with ``map_unordered(fn, tasks)`` (the
+:class:`TaskExecutor` protocol): the job layer passes ``volmargin.executor.Executor`` (local processes or
+Ray); the default is :class:`SerialExecutor`, in process and in order. training/ never imports volmargin/.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import copy
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -46,6 +48,8 @@ __all__ = [
     "TaskFailure",
     "run_tasks",
     "cut_timestamp",
+    "TaskExecutor",
+    "SerialExecutor",
 ]
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,9 @@ class FoldRecord:
     n_refits: int
     fit_seconds: float
     fallbacks: int
+    diagnostics: dict[str, int] = field(default_factory=dict)
+    """Increments during the fold of the model's own counters (``Forecaster.diagnostics()`` where the model
+    has it: e.g. rejected estimates, clipped or floored forecast values, starting-value warnings)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -198,6 +205,11 @@ class WalkForwardResult:
     def n_fallbacks(self) -> int:
         return int(sum(f.fallbacks for f in self.folds))
 
+    @property
+    def diagnostics(self) -> dict[str, int]:
+        """The model's diagnostic counters summed over the folds (see :attr:`FoldRecord.diagnostics`)."""
+        return _sum_counts(f.diagnostics for f in self.folds)
+
     def table(self) -> pd.DataFrame:
         """The saved walk-forward table: ``h.*`` forecasts (+ quantiles/regimes), ``y.*`` proxy, ``r.*``
         returns and the ``post_cut`` flag, indexed by origin (UTC)."""
@@ -210,6 +222,20 @@ class WalkForwardResult:
 
 def _fallback_count(model: Forecaster) -> int:
     return int(getattr(model, "n_fallbacks_", 0) or 0)
+
+
+def _model_counts(model: Forecaster) -> dict[str, int]:
+    """The model's cumulative diagnostic counters (``diagnostics()``), or {} for models without them."""
+    fn = getattr(model, "diagnostics", None)
+    return {str(k): int(v) for k, v in fn().items()} if callable(fn) and model.is_fitted else {}
+
+
+def _sum_counts(parts: Iterable[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in parts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
 
 
 def _refit(model: Forecaster, frame: pd.DataFrame, lo: int, hi: int, purge: int) -> tuple[Forecaster, float, int]:
@@ -265,6 +291,7 @@ def walk_forward(task: WalkForwardTask, progress: Callable[[int, int], None] | N
     model: Forecaster = template.clone()
     for fold in folds:
         fit_s, fbs, refits = 0.0, 0, 0
+        counts_before = _model_counts(model)
         for i in range(fold.start, fold.end):
             if i == fold.start or (i - fold.start) % task.refit_every == 0:
                 lo = 0 if task.window == "expanding" else max(0, i + 1 - (task.window_size or task.min_train))
@@ -290,6 +317,9 @@ def walk_forward(task: WalkForwardTask, progress: Callable[[int, int], None] | N
                                        regime_names=prev.regime_names)
                 )
                 fbs += 1
+        counts_after = _model_counts(model)
+        # a refit that raised restores a snapshot whose counters are older: never count negatively
+        counts = {k: max(0, v - counts_before.get(k, 0)) for k, v in counts_after.items()}
         records.append(
             FoldRecord(
                 fold=fold.index,
@@ -302,10 +332,15 @@ def walk_forward(task: WalkForwardTask, progress: Callable[[int, int], None] | N
                 n_refits=refits,
                 fit_seconds=fit_s,
                 fallbacks=fbs,
+                diagnostics={k: v for k, v in counts.items() if v},
             )
         )
         if progress is not None:
             progress(fold.index + 1, len(folds))
+    totals = _sum_counts(r.diagnostics for r in records)
+    if totals:
+        log.warning("%s %s: model diagnostics over the walk-forward: %s", task.asset, task.model_key,
+                    ", ".join(f"{k}={v}" for k, v in sorted(totals.items())))
     forecast = VolatilityForecast.stack(parts)
     forecast = VolatilityForecast(
         origins=forecast.origins,
@@ -386,11 +421,46 @@ def run_task(task: WalkForwardTask) -> WalkForwardResult | TaskFailure:
         return TaskFailure(task.asset, task.model_key, f"{type(exc).__name__}: {exc}")
 
 
-def run_tasks(tasks: Sequence[WalkForwardTask], executor: Any = None) -> Iterator[tuple[int, WalkForwardResult]]:
-    """Run tasks through an executor with ``map_unordered`` (``volmargin.executor.Executor``; in-process
-    when None); yields ``(task index, result)`` as they finish."""
-    if executor is None:
+@runtime_checkable
+class TaskExecutor(Protocol):
+    """What training needs from an executor: ``volmargin.executor.Executor`` is one (local processes, Ray).
+
+    ``map_unordered(fn, tasks)`` yields ``(index, fn(tasks[index]))`` for every task, in any order. ``fn`` is
+    a module-level function and the tasks are picklable, so an implementation may run them in other
+    processes or machines; it must return every result to the caller (workers never write to MLflow).
+    """
+
+    def map_unordered(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> Iterator[tuple[int, Any]]: ...
+
+
+@dataclass(frozen=True)
+class SerialExecutor:
+    """The default :class:`TaskExecutor`: every task in this process, in order."""
+
+    def map_unordered(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         for i, t in enumerate(tasks):
-            yield i, run_task(t)
-        return
-    yield from executor.map_unordered(run_task, list(tasks))
+            yield i, fn(t)
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Any]:
+        """Results in task order."""
+        return [fn(t) for t in tasks]
+
+
+def check_executor(executor: Any) -> TaskExecutor:
+    """``executor`` itself when it has a callable ``map_unordered``, :class:`SerialExecutor` for None."""
+    if executor is None:
+        return SerialExecutor()
+    if not isinstance(executor, TaskExecutor) or not callable(executor.map_unordered):
+        raise TypeError(
+            f"executor must have a map_unordered(fn, tasks) method (e.g. volmargin.executor.Executor or "
+            f"training.walk_forward.SerialExecutor), got {type(executor).__name__}"
+        )
+    return executor
+
+
+def run_tasks(
+    tasks: Sequence[WalkForwardTask], executor: TaskExecutor | None = None
+) -> Iterator[tuple[int, WalkForwardResult | TaskFailure]]:
+    """Run tasks through ``executor.map_unordered`` (:class:`SerialExecutor` when None); yields
+    ``(task index, result)`` as they finish."""
+    yield from check_executor(executor).map_unordered(run_task, list(tasks))

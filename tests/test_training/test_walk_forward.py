@@ -274,3 +274,46 @@ def test_var_breaches_normal_and_model_quantiles():
     np.testing.assert_array_equal(own[ok], (r < res.forecast.quantiles[:, 0, j]).astype(float)[ok])
     ev = evaluate_asset({"garch": res}, mcs_reps=50)
     assert "var_model_quantiles" in ev["models"]["garch"]["held_out"]
+
+
+class TestModelDiagnostics:
+    def test_garch_refits_pass_no_starting_value_warning_and_count_it(self, monkeypatch):
+        """Where arch still rejects starting values, the warning is caught at the fit call, counted in the
+        model's diagnostics and reported per fold; the caller of the walk-forward sees none."""
+        import warnings
+
+        from arch.utility.exceptions import StartingValueWarning
+
+        import models.garch as mg
+
+        # arch rejects these starts (alpha + beta > 1) while the feasibility check is told they are fine
+        monkeypatch.setattr(mg, "_feasible_start", lambda am, y, sv, margin=1e-6: np.array([sv[0], 0.5, 0.6, sv[3]]))
+        monkeypatch.setattr(mg, "_is_feasible", lambda am, y, sv: True)
+        frame = synthetic_frame(400, seed=3)
+        task = make_task(frame, model="garch", params={"quantile_levels": None}, min_train=300, refit_every=25,
+                         block=50, cut=pd.Timestamp("2030-01-01"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = walk_forward(task)
+        assert not [w for w in caught if issubclass(w.category, StartingValueWarning)]
+        refits = sum(f.n_refits for f in res.folds)
+        assert refits == 5  # origins 299..399 in folds of 50: refits at 299, 324 | 349, 374 | 399
+        # every refit after the first (cold) one is warm-started and arch warns once
+        assert res.diagnostics.get("start_warnings") == refits - 1
+        assert [f.diagnostics.get("start_warnings", 0) for f in res.folds] == [1, 2, 1]
+        assert res.folds[0].to_dict()["diagnostics"] == res.folds[0].diagnostics
+
+    def test_har_floor_binds_reported_per_fold(self):
+        # variance ~1e-4, spikes each followed by a quiet bar, a 100x spike on the last bar: the linear HAR
+        # prediction at the last origin is negative and floored (tests/test_models/test_har.py::spike_frame)
+        rng = np.random.default_rng(0)
+        v = 1e-4 * np.exp(0.3 * rng.standard_normal(600))
+        for t in range(20, 598, 25):
+            v[t], v[t + 1] = 5e-4, 1e-5
+        v[-1] = 1e-2
+        idx = pd.date_range("2016-01-01", periods=600, freq="D", tz="UTC")
+        frame = pd.DataFrame({"ret": np.sqrt(v) * rng.standard_normal(600), "var_gk": v}, index=idx)
+        task = make_task(frame, model="har", params={"column": "var_gk", "max_horizon": 1}, horizon=1,
+                         min_train=599, refit_every=1, block=1, cut=pd.Timestamp("2030-01-01"))
+        res = walk_forward(task)
+        assert res.diagnostics["floor_binds"] == 1 and res.folds[-1].diagnostics["floor_binds"] == 1
