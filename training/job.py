@@ -1,6 +1,9 @@
 """The training job behind ``volmargin train``: data → walk-forward → evaluation → MLflow → registry.
 
-Only this driver writes to MLflow; walk-forward tasks run through the executor and return results.
+Only this driver writes to MLflow; walk-forward tasks run through the executor it is given (any
+:class:`training.walk_forward.TaskExecutor`; the CLI and the end-to-end job build
+``volmargin.executor.Executor`` from ``cfg.executor``) and return results. Without one they run in this
+process (:class:`training.walk_forward.SerialExecutor`).
 Outputs under ``<artifacts_dir>/train/<parent run id>/``: ``evaluation.json`` (also logged on the parent
 run), ``held_out.csv``, ``forecasts/<asset>/<model>.parquet`` (the walk-forward tables the margin backtest
 consumes) and ``plots/``.
@@ -20,7 +23,16 @@ import pandas as pd
 from training.evaluation import evaluate_asset, held_out_table
 from training.registry import best_candidate, register_and_promote
 from training.tracking import TrainingTracker, atomic_write_text, resolve_tracking_uri
-from training.walk_forward import TaskFailure, WalkForwardResult, WalkForwardTask, cut_timestamp, run_tasks
+from training.walk_forward import (
+    SerialExecutor,
+    TaskExecutor,
+    TaskFailure,
+    WalkForwardResult,
+    WalkForwardTask,
+    check_executor,
+    cut_timestamp,
+    run_tasks,
+)
 
 __all__ = ["JobResult", "run_training", "load_features", "build_tasks"]
 
@@ -99,6 +111,7 @@ def run_training(
     config_path: str | Path | None = None,
     loader: Loader | None = None,
     progress: Progress | None = None,
+    executor: TaskExecutor | None = None,
 ) -> JobResult:
     """Run a training config end to end.
 
@@ -112,12 +125,19 @@ def run_training(
         ``dataset id -> (asset label, feature frame)``; default :func:`load_features`.
     progress : callable, optional
         ``(stage, done, total)`` callbacks for a progress bar (stages: "walk-forward", "logging").
+    executor : TaskExecutor, optional
+        Runs the (asset, model) walk-forward tasks, e.g. ``volmargin.executor.make_executor(**cfg.executor)``;
+        default: in this process, in order. ``cfg.executor`` is read by whoever builds the executor, not here.
     """
-    from volmargin.executor import make_executor
-
     _check_models(cfg)
+    executor = check_executor(executor)
+    ex_cfg = getattr(cfg, "executor", None)
+    if type(executor) is SerialExecutor and ex_cfg is not None and (ex_cfg.workers > 1 or ex_cfg.backend != "local"):
+        log.warning(
+            "cfg.executor asks for backend=%s, workers=%d but no executor was passed to run_training; "
+            "running the tasks serially in this process", ex_cfg.backend, ex_cfg.workers,
+        )
     uri = resolve_tracking_uri(cfg.tracking_uri, allow_file_store=cfg.allow_file_store)
-    executor = make_executor(cfg.executor.backend, cfg.executor.workers, cfg.executor.address)
     loader = loader or load_features
     frames = {ds: loader(ds) for ds in cfg.datasets}
     tasks = build_tasks(cfg, frames)

@@ -85,8 +85,10 @@ def test_workers_give_identical_results(tmp_path):
     c1 = _cfg(tmp_path / "a", promotion={"register_models": False, "mcs_reps": 100})
     c2 = _cfg(tmp_path / "b", promotion={"register_models": False, "mcs_reps": 100}, executor={"workers": 2})
     loader = lambda ds: ("A", _frame())  # noqa: E731
+    from volmargin.executor import make_executor
+
     e1 = run_training(c1, loader=loader).evaluation["assets"]["syn:A"]
-    e2 = run_training(c2, loader=loader).evaluation["assets"]["syn:A"]
+    e2 = run_training(c2, loader=loader, executor=make_executor(workers=2)).evaluation["assets"]["syn:A"]
     for k in e1["models"]:
         assert e1["models"][k]["pre_cut"]["qlike"] == e2["models"][k]["pre_cut"]["qlike"]
     assert "decision" not in e1
@@ -107,3 +109,57 @@ def test_failed_model_reported_and_left_out(tmp_path, db):
     ev = run_training(cfg, loader=lambda ds: ("A", _frame())).evaluation["assets"]["syn:A"]
     assert set(ev["models"]) == {"ewma"}
     assert "did not converge" in ev["failed"]["_flaky_test"]
+
+
+class RecordingExecutor:
+    """A TaskExecutor that is not volmargin's: runs tasks in reverse order and records them."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def map_unordered(self, fn, tasks):
+        for i in reversed(range(len(tasks))):
+            self.seen.append(tasks[i].model_key)
+            yield i, fn(tasks[i])
+
+
+class TestExecutorInjection:
+    def test_training_never_imports_volmargin(self):
+        """Stage boundary: training/ is below volmargin/ (the job layer) and must not import it."""
+        import ast
+        from pathlib import Path
+
+        import training
+
+        offenders = []
+        for path in Path(training.__file__).parent.glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "volmargin"]
+        assert offenders == []
+
+    def test_injected_executor_runs_every_task(self, tmp_path, db):
+        ex = RecordingExecutor()
+        cfg = _cfg(tmp_path, db=db, promotion={"register_models": False, "mcs_reps": 50})
+        ev = run_training(cfg, loader=lambda ds: ("A", _frame()), executor=ex).evaluation["assets"]["syn:A"]
+        assert ex.seen == ["har", "ewma80", "ewma"]
+        ref = run_training(cfg, loader=lambda ds: ("A", _frame())).evaluation["assets"]["syn:A"]
+        for k in ("ewma", "ewma80", "har"):
+            assert ev["models"][k]["held_out"]["qlike"] == ref["models"][k]["held_out"]["qlike"]
+
+    def test_default_is_serial_and_says_when_config_asks_for_more(self, tmp_path, db, caplog):
+        import logging
+
+        cfg = _cfg(tmp_path, db=db, models=[{"name": "ewma"}], executor={"workers": 2},
+                   promotion={"register_models": False, "mcs_reps": 50})
+        with caplog.at_level(logging.WARNING, logger="training.job"):
+            run_training(cfg, loader=lambda ds: ("A", _frame()))
+        assert "no executor was passed" in caplog.text and "workers=2" in caplog.text
+
+    def test_not_an_executor(self, tmp_path):
+        with pytest.raises(TypeError, match="executor must have a map_unordered"):
+            run_training(_cfg(tmp_path), loader=lambda ds: ("A", _frame()), executor=object())

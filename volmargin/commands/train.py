@@ -37,6 +37,7 @@ def train(
     """Walk-forward training and evaluation; logs to MLflow and writes artifacts/train/<run id>/evaluation.json."""
     from training.job import run_training
     from volmargin.config import load_config
+    from volmargin.executor import make_executor
 
     cfg = load_config(config)
     if workers is not None:
@@ -44,7 +45,12 @@ def train(
             raise ValueError(f"--workers must be >= 1, got {workers}")
         cfg = cfg.model_copy(update={"executor": cfg.executor.model_copy(update={"workers": workers})})
     with stage_progress() as progress:
-        result = run_training(cfg, config_path=config, progress=progress)
+        result = run_training(
+            cfg,
+            config_path=config,
+            progress=progress,
+            executor=make_executor(cfg.executor.backend, cfg.executor.workers, cfg.executor.address),
+        )
     df = result.held_out_table()
     table = Table(
         title="Held-out evaluation (origins from the cut on)",
