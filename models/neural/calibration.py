@@ -19,6 +19,8 @@ horizon steps. Two corrections are offered:
 ``"none"``
     no correction; the block's breach rates are still recorded as a diagnostic.
 
+Blocks with fewer than ``min_origins`` origins are not used for a correction (``"none"``).
+
 Quantiles stay non-decreasing across levels (a running maximum over the levels).
 """
 
@@ -137,7 +139,7 @@ def fit_quantile_calibration(
     levels: tuple[float, ...],
     *,
     method: CalibrationMethod = "scale",
-    min_points: int = 50,
+    min_origins: int = 250,
     min_tail: float = 10.0,
     scale_bounds: tuple[float, float] = (0.25, 4.0),
     block: tuple[str, str] = ("", ""),
@@ -154,8 +156,10 @@ def fit_quantile_calibration(
         The ``Q`` levels, increasing in (0, 1).
     method : {"none", "scale", "shift"}
         Correction (see the module docstring).
-    min_points : int
-        Fewest finite outcomes needed for any correction; with fewer, ``method`` becomes ``"none"``.
+    min_origins : int
+        Fewest origins with a finite one-step outcome for any correction (the default, about a year
+        of daily bars, puts about 12 expected breaches behind the 5 % level); with fewer,
+        ``method`` becomes ``"none"``.
     min_tail : float
         ``"shift"`` only: fewest expected breaches (origins × min(tau, 1 - tau)) for a level to be shifted.
     scale_bounds : tuple of float
@@ -176,7 +180,7 @@ def fit_quantile_calibration(
     z = np.where(ok, z, np.nan)
     n_points, n_origins = int(ok.sum()), int(ok[:, 0].sum())
     before = exceedance_rates(z, zq)
-    if n_points < int(min_points):
+    if n_origins < int(min_origins):
         method = "none"
     scale, shift = 1.0, np.zeros(len(lv))
     if method == "scale":

@@ -95,8 +95,9 @@ class NeuralForecaster(Forecaster):
     quantile_calibration : {"none", "scale", "shift"}
         Correction of the standardized return quantiles fitted on the validation block (the end of
         the fit window; :mod:`models.neural.calibration`): ``"scale"`` one dispersion factor,
-        ``"shift"`` split-conformal shifts per level. The block's breach rates before and after are
-        kept in ``quantile_calibration_`` either way (a diagnostic of the head).
+        ``"shift"`` split-conformal shifts per level; a block with fewer than 250 origins is not
+        used. The block's breach rates before and after are kept in ``quantile_calibration_``
+        either way (a diagnostic of the head).
     """
 
     name = "gru"

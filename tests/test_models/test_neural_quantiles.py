@@ -105,16 +105,16 @@ class TestCalibration:
 
     def test_none_and_short_blocks_change_nothing(self):
         rng = np.random.default_rng(42)
-        z = rng.standard_normal((30, 1))
-        zq = np.broadcast_to(stats.norm.ppf(LEVELS), (30, 1, 4)).copy()
-        for method in ("none", "scale", "shift"):  # 30 < min_points: no correction
+        z = rng.standard_normal((200, 3))  # 600 points but 200 origins
+        zq = np.broadcast_to(stats.norm.ppf(LEVELS) * 0.5, (200, 3, 4)).copy()
+        for method in ("none", "scale", "shift"):  # 30 < min_origins: no correction
             cal = fit_quantile_calibration(z, zq, LEVELS, method=method)
             assert cal.method == "none" and cal.scale == 1.0
             np.testing.assert_array_equal(cal.apply(zq), zq)
             np.testing.assert_array_equal(cal.rate_after, cal.rate_before)
 
     def test_corrected_quantiles_never_cross(self):
-        cal = fit_quantile_calibration(np.zeros((1, 1)), np.zeros((1, 1, 2)), (0.4, 0.6), min_points=1, method="none")
+        cal = fit_quantile_calibration(np.zeros((1, 1)), np.zeros((1, 1, 2)), (0.4, 0.6), min_origins=1, method="none")
         crossing = type(cal)(**{**cal.__dict__, "shift": np.array([0.5, -0.5])})
         out = crossing.apply(np.array([[-0.1, 0.1], [-1.0, 1.0]]))
         assert np.all(np.diff(out, axis=-1) >= 0)
@@ -206,6 +206,8 @@ class TestPredictPath:
         pa, pb = a.predict_path(frame, 2), b.predict_path(frame, 2)
         np.testing.assert_array_equal(pa.quantiles, pb.quantiles)
         assert a.quantile_calibration_.scale == b.quantile_calibration_.scale
+        # 140 validation bars: too short a block for a correction, only the diagnostic is kept
+        assert a.quantile_calibration_.method == "none" and 100 < a.quantile_calibration_.n_origins < 250
 
     def test_bad_parameters(self, make_feature_frame):
         frame, _ = make_feature_frame(700, 5)
