@@ -140,7 +140,7 @@ class TestRelativeFloor:
 
     def test_loghar_floor_is_relative_too(self):
         f = LogHAR(column="var_gk", max_horizon=1).fit(spike_frame())
-        assert f.variance_floor_ == pytest.approx(0.05 * spike_frame()["var_gk"].mean(), rel=1e-12)
+        assert f.variance_floor_ == pytest.approx(0.005 * spike_frame()["var_gk"].mean(), rel=1e-12)
         assert f.predict_variance(1).variance[0, 0] >= f.variance_floor_
 
     @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1])
