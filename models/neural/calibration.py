@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from scipy import stats
 from scipy.optimize import minimize_scalar
 
 __all__ = [
@@ -117,6 +118,19 @@ class QuantileCalibration:
     def apply(self, zq: np.ndarray) -> np.ndarray:
         """Corrected, level-monotone standardized quantiles (levels on the last axis of ``zq``)."""
         return monotone_levels(self.scale * np.asarray(zq, dtype=np.float64) + self.shift)
+
+    def head_outside_band(self, confidence: float = 0.999) -> bool:
+        """Whether the uncorrected head's breach rate at some level lies outside the two-sided
+        ``confidence`` binomial interval of ``n_origins`` draws at that level (a broken head, such as
+        one stuck near its initial values; pooling over steps only narrows the true spread, so the
+        interval on ``n_origins`` is the conservative one)."""
+        if self.n_origins < 1:
+            return False
+        for lv, rate in zip(self.levels, self.rate_before, strict=True):
+            lo, hi = stats.binom.interval(confidence, self.n_origins, lv)
+            if np.isfinite(rate) and not lo / self.n_origins <= rate <= hi / self.n_origins:
+                return True
+        return False
 
     def as_dict(self) -> dict:
         """Plain-type summary (for logging)."""

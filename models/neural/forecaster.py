@@ -29,6 +29,7 @@ part): the network learns a correction in log space.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 import numpy as np
@@ -51,6 +52,8 @@ from models.neural.trainer import TrainConfig, predict_network, set_determinism,
 from models.regime import RegimeForecaster
 
 __all__ = ["NeuralForecaster", "TCNForecaster", "HybridForecaster"]
+
+logger = logging.getLogger(__name__)
 
 
 def _complete_ends(feats: np.ndarray, lookback: int) -> np.ndarray:
@@ -104,6 +107,11 @@ class NeuralForecaster(Forecaster):
     _arch: ClassVar[str] = "gru"
     _hybrid: ClassVar[bool] = False
     required_columns = ("ret", "var_gk")
+    #: default for instances pickled before the parameter existed (``__init__`` always sets it)
+    quantile_calibration: str = "none"
+    #: counters reported by :meth:`diagnostics` (cumulative over the refits of this instance)
+    _counters: ClassVar[tuple[str, ...]] = ("n_quantile_head_off_",)
+    _persistent = _counters
 
     def __init__(
         self,
@@ -183,9 +191,17 @@ class NeuralForecaster(Forecaster):
     def _buflen(self) -> int:
         return int(self.lookback) + max(self.windows_) + 1
 
+    def diagnostics(self) -> dict[str, int]:
+        """Counters of this instance over all its fits (zero when all is well): ``quantile_head_off``
+        counts fits whose uncorrected quantile head breached some level on the validation block at
+        a rate outside the 99.9 % binomial interval (see ``quantile_calibration_``)."""
+        return {k.removeprefix("n_").removesuffix("_"): int(getattr(self, k, 0) or 0) for k in self._counters}
+
     # ------------------------------------------------------------------ fit
     def _fit(self, frame: pd.DataFrame) -> None:
         self._check_params(frame)
+        for k in self._counters:
+            setattr(self, k, getattr(self, k, 0))
         n = len(frame)
         n_tr = int(round(n * (1.0 - float(self.val_frac))))
         H, L = int(self.horizon), int(self.lookback)
@@ -256,6 +272,14 @@ class NeuralForecaster(Forecaster):
             method=self.quantile_calibration,  # type: ignore[arg-type]
             block=(frame.index[va_ends[0]].isoformat(), frame.index[va_ends[-1]].isoformat()),
         )
+        if self.quantile_calibration_.head_outside_band():
+            self.n_quantile_head_off_ += 1
+            logger.warning(
+                "%s: quantile head breach rates on the validation block %s at levels %s are outside the "
+                "99.9%% binomial band of %d origins", type(self).__name__,
+                np.round(self.quantile_calibration_.rate_before, 4).tolist(), list(self.quantile_calibration_.levels),
+                self.quantile_calibration_.n_origins,
+            )
         self._filter(frame)
 
     # ------------------------------------------------------------------ state

@@ -121,6 +121,15 @@ class TestCalibration:
         np.testing.assert_array_equal(out[1], [-0.5, 0.5])
         np.testing.assert_array_equal(monotone_levels(np.array([1.0, 0.0, 2.0])), [1.0, 1.0, 2.0])
 
+    def test_head_outside_band_flags_a_stuck_head(self):
+        rng = np.random.default_rng(42)
+        z = rng.standard_normal((1000, 2))
+        good = np.broadcast_to(stats.norm.ppf(LEVELS), (1000, 2, 4)).copy()
+        stuck = np.broadcast_to([0.0, 0.69, 1.39, 2.08], (1000, 2, 4)).copy()  # softplus(0) increments
+        assert not fit_quantile_calibration(z, good, LEVELS).head_outside_band()
+        cal = fit_quantile_calibration(z, stuck, LEVELS)
+        assert cal.head_outside_band() and cal.rate_before[0] > 0.4
+
     def test_bad_input(self):
         z, zq = np.zeros((60, 2)), np.zeros((60, 2, 4))
         with pytest.raises(ValueError, match="method must be one of"):
@@ -180,6 +189,19 @@ class TestOutOfSample:
         assert fc.meta["quantile_calibration"] == {"method": "scale", "scale": cal.scale, "shift": [0.0] * 4}
         d = cal.as_dict()
         assert d["levels"] == list(LEVELS) and len(d["rate_before"]) == 4
+        assert f.diagnostics() == {"quantile_head_off": 0}
+
+    def test_diagnostic_counts_a_head_left_at_its_initial_values(self, make_feature_frame, monkeypatch, caplog):
+        frame, _ = make_feature_frame(1600, 2)
+        monkeypatch.setattr(Heads, "init_quantiles", lambda self, z: None)  # the defect: head not started
+        f = get_forecaster("gru", **get_forecaster("gru").test_params())
+        f.fit(frame.iloc[:1500])
+        f.fit(frame)  # counters add up over refits
+        assert f.diagnostics() == {"quantile_head_off": 2}
+        assert "outside the 99.9% binomial band" in caplog.text
+        monkeypatch.undo()
+        g = get_forecaster("gru", **get_forecaster("gru").test_params()).fit(frame)
+        assert g.diagnostics() == {"quantile_head_off": 0}, g.quantile_calibration_.as_dict()
 
 
 class TestPredictPath:
