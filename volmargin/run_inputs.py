@@ -159,6 +159,7 @@ def _ewma_table(cfg: RunConfig, features: pd.DataFrame, dataset: str, cut: pd.Ti
 def _train(cfg: RunConfig, prepared: Mapping[str, Any], progress: Progress | None) -> dict[str, Any]:
     """Walk-forward training of every dataset (one training job per distinct cut); returns evaluations."""
     from training.job import run_training
+    from volmargin.executor import make_executor
 
     groups: dict[dt.date, list[str]] = {}
     for ds in cfg.datasets:
@@ -175,7 +176,8 @@ def _train(cfg: RunConfig, prepared: Mapping[str, Any], progress: Progress | Non
             if progress:
                 progress(f"training ({stage})", done, total)
 
-        res = run_training(tcfg, loader=loader, progress=prog)
+        executor = make_executor(tcfg.executor.backend, tcfg.executor.workers, tcfg.executor.address)
+        res = run_training(tcfg, loader=loader, progress=prog, executor=executor)
         runs.append(res.run_id)
         for ds, ev in res.evaluation["assets"].items():
             evaluations[ds] = ev
