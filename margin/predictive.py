@@ -51,6 +51,8 @@ class PredictivePolicy:
     covers a ``mm_k``-sigma one-bar move, ``MM_t = exp(mm_k σ1_t) - 1`` (σ1: the 1-step forecast volatility),
     the close-out (gap) risk a maintenance margin exists for, while IM keeps pricing the holding-horizon risk;
     it then gets the controls (change cap, notice, floor ``mm_fraction × floor``) and never exceeds IM.
+    ``mm_floor`` (with ``mm_k > 0``): a floor on that MM, so that a calm forecast does not leave open
+    positions with almost no buffer when a jump starts from calm (0: the controls' floor only).
     """
 
     level: float = 0.10
@@ -62,6 +64,7 @@ class PredictivePolicy:
     release: float = 1.0
     mm_binds: Literal["path", "entry"] = "path"
     mm_k: float = 0.0
+    mm_floor: float = 0.0
     sigma_ref: float | None = None
     name: str = "predictive"
     fitted: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -71,6 +74,7 @@ class PredictivePolicy:
         return {"level": self.level, "power": self.power, "stress": self.stress, "omega": self.omega,
                 "floor": self.floor, "quantile_weight": self.quantile_weight, "release": self.release,
                 "mm_at_entry": 1.0 if self.mm_binds == "entry" else 0.0, "mm_k": self.mm_k,
+                "mm_floor": self.mm_floor,
                 "sigma_ref": float("nan") if self.sigma_ref is None else self.sigma_ref}
 
     @staticmethod
@@ -113,7 +117,9 @@ class PredictivePolicy:
             s = self.sigma(feats)[: max(k, 1)]
             ref = float(np.median(s))
         raw = np.minimum(self.raw_from(feats, ref), 1.0)
-        raw_mm = np.minimum(var_to_im(feats["s1"], self.mm_k), 1.0) if self.mm_k > 0 else None
+        raw_mm = None
+        if self.mm_k > 0:
+            raw_mm = np.clip(var_to_im(feats["s1"], self.mm_k), self.mm_floor, 1.0)
         meta = {**self.params(), "mm_binds": self.mm_binds, "sigma_ref": ref,
                 **({"fit": self.fitted} if self.fitted else {})}
         if self.mm_binds == "entry":
@@ -146,7 +152,7 @@ def fit_predictive(
     collateral; default ``capital_cost_annual`` (0.10) per year converted with the bar length).
 
     The search: coordinate descent over ``grid`` (``rounds`` passes over level, power, stress, omega, floor
-    mm_binds and mm_k, keeping every improvement), then (``refine``) a finer look at level and power between
+    mm_binds, mm_k and mm_floor, keeping every improvement), then (``refine``) a finer look at level and power between
     their grid neighbours. With ``target_avg_im`` the level is not searched: for every candidate shape it is
     solved so that the controlled IM averages ``target_avg_im`` over the bars before the cut, so the fit
     picks the best SHAPE at the capital of ``static_<target_avg_im>`` (the claim compares policies at equal
@@ -185,6 +191,7 @@ def fit_predictive(
         "release": (1.0, 0.2, 0.05, 0.02),
         "mm_binds": ("path", "entry"),
         "mm_k": (0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0),
+        "mm_floor": (0.0, 0.02, 0.03, 0.05, 0.08),
     }
     if grid:
         g.update({k_: tuple(v) for k_, v in grid.items()})
@@ -192,7 +199,8 @@ def fit_predictive(
         g["stress"] = (0.0,)
     end = ctx.bars.index[k] if k < len(ctx.bars) else None
     cache: dict[tuple[float, ...], dict[str, float]] = {}
-    names: tuple[str, ...] = ("level", "power", "stress", "omega", "floor", "release", "mm_binds", "mm_k")
+    names: tuple[str, ...] = ("level", "power", "stress", "omega", "floor", "release", "mm_binds", "mm_k",
+                              "mm_floor")
     if target_avg_im is not None:
         if not 0.0 < target_avg_im <= 1.0:
             raise ValueError(f"target_avg_im must be in (0, 1], got {target_avg_im!r}")
@@ -227,7 +235,7 @@ def fit_predictive(
         return cache[key]
 
     cur = {"level": 0.10, "power": 0.5, "stress": 0.0, "omega": 0.5, "floor": ctx.controls.floor, "release": 1.0,
-           "mm_binds": "path", "mm_k": 0.0}
+           "mm_binds": "path", "mm_k": 0.0, "mm_floor": 0.0}
     for n in names:
         if cur[n] not in g[n]:
             cur[n] = g[n][len(g[n]) // 2]

@@ -218,6 +218,9 @@ class TestPredictive:
         assert p.meta["mm_k"] == 2.0 and p.mm_binds == mm_binds
         base = PredictivePolicy(level=0.3, power=0.5, mm_binds=mm_binds, sigma_ref=0.03).path(ctx)
         np.testing.assert_array_equal(base.im_rate, p.im_rate)  # the MM mapping leaves IM alone
+        fl = PredictivePolicy(level=0.3, power=0.5, mm_k=2.0, mm_floor=0.07, mm_binds=mm_binds, sigma_ref=0.03).path(ctx)
+        np.testing.assert_allclose(fl.mm_rate, np.minimum(np.maximum(np.expm1(2.0 * sig), 0.07), fl.im_rate), rtol=1e-12)
+        assert (fl.mm_rate >= np.minimum(0.07, fl.im_rate) - 1e-15).all() and fl.meta["mm_floor"] == 0.07
 
     def test_quantiles_blend(self):
         bars, sig = market(200)
@@ -230,7 +233,8 @@ class TestPredictive:
         bars, sig = market(240, seed=5)
         cut = bars.index[160]
         pop = generate_population(240, PopulationConfig(n_positions=1500, seed=3))
-        grid = {"level": (0.05, 0.1, 0.2), "power": (0.0, 1.0), "omega": (0.5,), "floor": (0.01,), "mm_k": (0.0, 3.0)}
+        grid = {"level": (0.05, 0.1, 0.2), "power": (0.0, 1.0), "omega": (0.5,), "floor": (0.01,), "mm_k": (0.0, 3.0),
+                "mm_floor": (0.0,)}
         ctx = PolicyContext(bars=bars, forecast=forecast_for(bars, sig), cut=cut)
         a = fit_predictive(ctx, pop, BacktestConfig(), {"alpha": 100.0, "beta": 1e-4}, grid=grid)
         bars2 = bars.copy()
@@ -250,7 +254,7 @@ class TestPredictive:
         ctx = PolicyContext(bars=bars, forecast=forecast_for(bars, sig), cut=bars.index[160])
         pop = generate_population(240, PopulationConfig(n_positions=1000, seed=3))
         grid = {"power": (0.0, 1.0), "omega": (0.5,), "floor": (0.01,), "release": (1.0,), "mm_binds": ("path",),
-                "mm_k": (0.0,)}
+                "mm_k": (0.0,), "mm_floor": (0.0,)}
         pol = fit_predictive(ctx, pop, BacktestConfig(), grid=grid, target_avg_im=0.08)
         assert np.mean(pol.path(ctx).im_rate[:160]) == pytest.approx(0.08, rel=2e-3)
         assert pol.fitted["target_avg_im"] == 0.08 and pol.fitted["evaluations"] == 4  # 2 powers + 2 refined
