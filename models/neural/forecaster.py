@@ -370,11 +370,11 @@ class NeuralForecaster(Forecaster):
         steps = np.minimum(np.arange(horizon), lv.shape[1] - 1)
         var = np.maximum(np.exp(lv[:, steps]), VARIANCE_FLOOR)
         zq = out["z_quantiles"][:, steps, :]
-        offset = getattr(self, "quantile_offset_", None)
-        if offset is not None:
-            zq = zq + offset[steps]
+        offset = getattr(self, "quantile_offset_", None)  # absent in models pickled before it existed
+        zq = monotone_levels(zq if offset is None else zq + offset[steps])
         cal = getattr(self, "quantile_calibration_", None)
-        zq = monotone_levels(zq) if cal is None else cal.apply(zq)
+        if cal is not None:
+            zq = cal.apply(zq)
         return var, np.sqrt(var)[:, :, None] * zq, out, complete
 
     def _quantile_meta(self, fc: VolatilityForecast) -> VolatilityForecast:

@@ -266,6 +266,17 @@ class TestPredictPath:
         # 140 validation bars: too short a block for a correction, only the diagnostic is kept
         assert a.quantile_calibration_.method == "none" and 100 < a.quantile_calibration_.n_origins < 250
 
+    def test_model_pickled_before_the_fix_still_predicts(self, make_feature_frame):
+        frame, _ = make_feature_frame(700, 5)
+        f = get_forecaster("gru", **get_forecaster("gru").test_params()).fit(frame)
+        new = f.predict_variance(3)
+        for k in ("quantile_offset_", "quantile_calibration_", "refit_intercepts", "quantile_calibration"):
+            f.__dict__.pop(k)
+        old = f.predict_variance(3)
+        assert f.get_params()["quantile_calibration"] == "none" and "quantile_calibration" not in old.meta
+        np.testing.assert_array_equal(old.variance, new.variance)
+        assert np.all(np.diff(old.quantiles, axis=-1) >= 0)
+
     def test_bad_parameters(self, make_feature_frame):
         frame, _ = make_feature_frame(700, 5)
         with pytest.raises(ValueError, match="quantile_calibration must be one of"):
