@@ -343,6 +343,7 @@ class PinnedChampion(NamedTuple):
     model_version: str
     spec: dict[str, Any]
     forecast_table: str
+    forecast_artifact: str = ""  # ``runs:/<run id>/forecast/<file>``: the same table in MLflow's artifact store
 
 
 def pinned_champion(
@@ -365,13 +366,15 @@ def pinned_champion(
         data = json.loads(path.read_text())
         rec = data.get("champion_at_cut", {}).get(cut_s)
         if rec is not None:
-            return PinnedChampion(str(rec["version"]), dict(rec["spec"]), str(rec["forecast_table"]))
+            return PinnedChampion(str(rec["version"]), dict(rec["spec"]), str(rec["forecast_table"]),
+                                  str(rec.get("forecast_artifact") or ""))
     if tracking_uri is not None:
         client = _client(tracking_uri)
         found = client.search_model_versions(f"name = '{name}' and tag.champion_at_cut = '{cut_s}'")
         if found:
             mv = max(found, key=lambda v: int(v.version))
-            return PinnedChampion(str(mv.version), json.loads(mv.tags.get("spec", "{}")), mv.tags.get("forecast_table", ""))
+            return PinnedChampion(str(mv.version), json.loads(mv.tags.get("spec", "{}")), mv.tags.get("forecast_table", ""),
+                                  mv.tags.get("forecast_artifact", ""))
     raise KeyError(f"no champion recorded for dataset {dataset!r} ({name}) at cut {cut_s}; run `volmargin train` first")
 
 

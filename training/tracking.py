@@ -233,7 +233,7 @@ class TrainingTracker:
                     mlflow.log_dict({"folds": [f.to_dict() for f in res.folds]}, "folds.json")
                     entry: dict[str, Any] = {
                         "run_id": mrun.info.run_id,
-                        "forecast_table": str(table_path),
+                        "forecast_table": str(Path(table_path).resolve()),  # absolute: found from any cwd
                         "forecast_artifact": f"runs:/{mrun.info.run_id}/forecast/{table_path.name}",
                         "model_uri": None,
                     }

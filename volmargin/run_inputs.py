@@ -113,8 +113,22 @@ def _regime_probs(cfg: RunConfig, features: pd.DataFrame, cut: pd.Timestamp) -> 
     return probs
 
 
-def _load_table(path: str | Path) -> pd.DataFrame:
+def _load_table(path: str | Path, artifact: str = "", tracking_uri: str | None = None) -> pd.DataFrame:
+    """A forecast table from its file, or (file gone, e.g. trained from another folder or machine) from the
+    copy logged to MLflow (``runs:/...``)."""
     p = Path(path)
+    if not p.is_file() and artifact:
+        import tempfile
+
+        import mlflow
+
+        try:
+            got = mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=tempfile.mkdtemp(prefix="vm-table-"),
+                                                      tracking_uri=tracking_uri)
+        except Exception as exc:  # noqa: BLE001 - any store error means the same thing to the caller
+            raise FileNotFoundError(f"forecast table not found: {p}, and its MLflow copy {artifact} failed: {exc}") from None
+        log.info("forecast table %s not found; using its MLflow copy %s", p, artifact)
+        p = Path(got)
     if not p.is_file():
         raise FileNotFoundError(f"forecast table not found: {p}")
     df = pd.read_parquet(p)
@@ -223,7 +237,7 @@ def load_assets(
         if table is None:
             try:
                 pin = pinned_champion(ds, cfg.cut_for(ds), artifacts_dir=cfg.artifacts_dir, tracking_uri=uri)
-                table = _load_table(pin.forecast_table)
+                table = _load_table(pin.forecast_table, pin.forecast_artifact, uri)
                 champion = {
                     "model_version": pin.model_version,
                     "model_key": pin.spec.get("key") or pin.spec.get("name"),

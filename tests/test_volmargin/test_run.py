@@ -322,3 +322,33 @@ class TestHelpers:
             ref_s.append(close[t + 3] / close[t] - 1 > im[t])
             t += 3
         assert longs.tolist() == ref_l and shorts.tolist() == ref_s
+
+
+def test_forecast_table_falls_back_to_its_mlflow_copy(tmp_path, monkeypatch) -> None:
+    # a table trained from another folder (the recorded path is gone) is read from the run's artifact
+    import mlflow
+
+    from volmargin.run_inputs import _load_table
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        exp = mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+        idx = pd.date_range("2020-01-01", periods=3, freq="D", tz="UTC")
+        df = pd.DataFrame({"h.1": [1e-4, 2e-4, 3e-4]}, index=idx)
+        local = tmp_path / "gone" / "garch.parquet"
+        local.parent.mkdir()
+        df.to_parquet(local)
+        with mlflow.start_run(experiment_id=exp) as run:
+            mlflow.log_artifact(str(local), artifact_path="forecast")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    local.unlink()
+    got = _load_table(local, f"runs:/{run.info.run_id}/forecast/garch.parquet", uri)
+    pd.testing.assert_frame_equal(got, df, check_freq=False)
+    with pytest.raises(FileNotFoundError, match="forecast table not found"):
+        _load_table(local)
+    with pytest.raises(FileNotFoundError, match="its MLflow copy runs:/nope"):
+        _load_table(local, "runs:/nope/forecast/garch.parquet", uri)
