@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BacktestConfig", "BacktestResult", "run_backtest", "reference_backtest", "ohlcv_arrays"]
+__all__ = ["BacktestConfig", "BacktestResult", "run_backtest", "reference_backtest", "ohlcv_arrays", "max_increase", "bars_per_day"]
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ def _window(times: pd.DatetimeIndex, start: Any, end: Any) -> tuple[int, int]:
     return i0, i1
 
 
-def _bars_per_day(times: pd.DatetimeIndex) -> float:
+def bars_per_day(times: pd.DatetimeIndex) -> float:
     if len(times) < 2:
         return 1.0
     dt = float(pd.Series(times[1:] - times[:-1]).median().total_seconds())
@@ -581,7 +581,7 @@ def run_backtest(
          "breach_mm": np.maximum(loss_long, loss_short) > mm_prev},
         index=times[i0 + 1:i1 + 1],
     )
-    bpd = _bars_per_day(times)
+    bpd = bars_per_day(times)
     im_pub = im_rate[i0:i1]  # IM published for new positions over the window
     pp = None
     if per_position:

@@ -10,6 +10,7 @@ controls. Split from :mod:`margin.policies` (which re-exports both names).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -141,6 +142,7 @@ def fit_predictive(
     rounds: int = 2,
     refine: bool = True,
     target_avg_im: float | None = None,
+    max_im_increase_5d: float | None = None,
     start: Any = None,
 ) -> PredictivePolicy:
     """Fit :class:`PredictivePolicy` on origins BEFORE ``ctx.cut`` by coordinate search over a grid.
@@ -156,10 +158,12 @@ def fit_predictive(
     their grid neighbours. With ``target_avg_im`` the level is not searched: for every candidate shape it is
     solved so that the controlled IM averages ``target_avg_im`` over the bars before the cut, so the fit
     picks the best SHAPE at the capital of ``static_<target_avg_im>`` (the claim compares policies at equal
-    collateral). Returns the fitted policy; ``policy.fitted`` records the weights, the best objective and its parts,
+    collateral). With ``max_im_increase_5d`` (a fraction) a candidate whose controlled IM rises by more than
+    that within 5 days anywhere in the fit window is infeasible (a procyclicality constraint set before the
+    cut, e.g. at the EWMA-CCP policy's own pre-cut increase). Returns the fitted policy; ``policy.fitted`` records the weights, the best objective and its parts,
     the number of evaluations and the search path.
     """
-    from margin.backtest import BacktestConfig, _bars_per_day, run_backtest
+    from margin.backtest import BacktestConfig, bars_per_day, run_backtest
 
     if ctx.cut is None:
         raise ValueError("fit_predictive needs ctx.cut (parameters are fitted on origins before it)")
@@ -172,7 +176,7 @@ def fit_predictive(
     if unknown:
         raise ValueError(f"objective_weights has unknown keys {sorted(unknown)}; valid: alpha, beta, capital_cost_annual")
     alpha = float(w.get("alpha", 0.01 * population.cfg.notional_median))
-    bpy = 365.0 * _bars_per_day(ctx.times)
+    bpy = 365.0 * bars_per_day(ctx.times)
     beta = float(w.get("beta", float(w.get("capital_cost_annual", 0.10)) / bpy))
     pop = population
     if max_positions is not None and len(pop) > max_positions:
@@ -229,10 +233,18 @@ def fit_predictive(
                 lv, path = solve_level(p)
             res = run_backtest(ctx.bars, path, pop, cfg, start=start, end=end)
             obj = scale * (res.bad_debt + alpha * res.liquidations + beta * res.collateral_locked)
+            if max_im_increase_5d is not None and res.max_im_increase_5d > max_im_increase_5d * (1 + 1e-9):
+                obj = math.inf  # breaks the procyclicality constraint
             cache[key] = {"objective": obj, "level": lv, "bad_debt": scale * res.bad_debt,
                           "liquidations": scale * res.liquidations,
-                          "collateral_locked": scale * res.collateral_locked, "avg_collateral": res.avg_collateral}
+                          "collateral_locked": scale * res.collateral_locked, "avg_collateral": res.avg_collateral,
+                          "max_im_increase_5d": res.max_im_increase_5d}
         return cache[key]
+
+    def better(r: dict[str, float], b: dict[str, float]) -> bool:
+        if not math.isfinite(b["objective"]):  # an infeasible incumbent: anything feasible is better
+            return math.isfinite(r["objective"])
+        return r["objective"] < b["objective"] - 1e-9 * max(1.0, abs(b["objective"]))
 
     cur = {"level": 0.10, "power": 0.5, "stress": 0.0, "omega": 0.5, "floor": ctx.controls.floor, "release": 1.0,
            "mm_binds": "path", "mm_k": 0.0, "mm_floor": 0.0}
@@ -247,7 +259,7 @@ def fit_predictive(
             for v in g[n]:
                 cand = {**cur, n: v}
                 r = evaluate(cand)
-                if r["objective"] < best["objective"] - 1e-9 * max(1.0, abs(best["objective"])):
+                if better(r, best):
                     cur, best, improved = cand, r, True
                     trace.append({**cur, **best})
         if not improved:
@@ -261,11 +273,14 @@ def fit_predictive(
             for v in np.unique(np.r_[np.linspace(lo_v, cur[n], 4)[1:-1], np.linspace(cur[n], hi_v, 4)[1:-1]]):
                 cand = {**cur, n: float(v)}
                 r = evaluate(cand)
-                if r["objective"] < best["objective"] - 1e-9 * max(1.0, abs(best["objective"])):
+                if better(r, best):
                     cur, best = cand, r
                     trace.append({**cur, **best})
     cur = {**cur, "level": float(best["level"])}
-    fitted = {"alpha": alpha, "beta": beta, "target_avg_im": target_avg_im, "objective": best, "evaluations": len(cache), "trace": trace,
+    if not math.isfinite(best["objective"]):
+        raise ValueError(f"max_im_increase_5d={max_im_increase_5d!r}: no candidate on the grid meets it before the cut")
+    fitted = {"alpha": alpha, "beta": beta, "target_avg_im": target_avg_im, "max_im_increase_5d": max_im_increase_5d,
+              "objective": best, "evaluations": len(cache), "trace": trace,
               "n_positions_fit": len(pop), "fit_end": str(end), "sigma_ref": ref}
     log.info("predictive fitted: %s objective %.4g (%d evaluations)", cur, best["objective"], len(cache))
     return PredictivePolicy(**cur, sigma_ref=ref, fitted=fitted)

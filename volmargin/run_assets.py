@@ -313,7 +313,14 @@ def evaluate_asset(
         paths[static_name(lv)] = make_policy(static_name(lv)).path(ctx)
     paths["ewma_ccp"] = make_policy("ewma_ccp", **pol.ewma_ccp).path(ctx)
     paths["garch_fhs"] = make_policy("garch_fhs", **{"seed": cfg.seed, **pol.garch_fhs}).path(ctx)
-    predictive = fit_predictive(ctx, population, bt, pol.objective.weights(), **pol.predictive)
+    pred_cfg = dict(pol.predictive)
+    if pred_cfg.get("max_im_increase_5d") == "ewma_ccp":
+        # the constraint at the EWMA-CCP policy's own largest 5-day increase before the cut
+        from margin.backtest import bars_per_day, max_increase
+
+        k = ctx.cut_index()
+        pred_cfg["max_im_increase_5d"] = max_increase(paths["ewma_ccp"].im_rate[:k], round(5 * bars_per_day(ctx.times)))
+    predictive = fit_predictive(ctx, population, bt, pol.objective.weights(), **pred_cfg)
     tick()
     paths["predictive"] = predictive.path(ctx)
     paths["oracle_vol"] = make_policy("oracle_vol", **pol.oracle_vol).path(ctx)
@@ -444,6 +451,9 @@ def check_policy_settings(cfg: RunConfig) -> None:
     unknown = sorted(set(pol.predictive) - allowed)
     if unknown:
         raise ValueError(f"policies.predictive: unknown key(s) {unknown}; known: {sorted(allowed)}")
+    cap = pol.predictive.get("max_im_increase_5d")
+    if cap is not None and cap != "ewma_ccp" and not (isinstance(cap, int | float) and not isinstance(cap, bool) and cap > 0):
+        raise ValueError(f"policies.predictive.max_im_increase_5d must be a fraction > 0 or 'ewma_ccp', got {cap!r}")
     bound = {k: v for k, v in pol.bound.items() if k != "grid"}
     try:
         make_policy("bound_liquidations", population=None, **bound)

@@ -261,6 +261,26 @@ class TestPredictive:
         with pytest.raises(ValueError, match=r"target_avg_im must be in \(0, 1\], got 2"):
             fit_predictive(ctx, pop, BacktestConfig(), grid=grid, target_avg_im=2)
 
+    def test_fit_under_procyclicality_cap(self):
+        from margin.backtest import max_increase
+
+        bars, sig = market(240, seed=5)
+        ctx = PolicyContext(bars=bars, forecast=forecast_for(bars, sig), cut=bars.index[160])
+        pop = generate_population(240, PopulationConfig(n_positions=1000, seed=3))
+        grid = {"level": (0.1,), "power": (0.0, 1.0, 1.5), "omega": (0.5,), "floor": (0.01,), "release": (1.0,),
+                "mm_binds": ("path",), "mm_k": (0.0,), "mm_floor": (0.0,), "stress": (0.0,)}
+        free = fit_predictive(ctx, pop, BacktestConfig(), grid=grid, refine=False)
+        inc = {p: max_increase(PredictivePolicy(level=0.1, power=p, sigma_ref=free.sigma_ref).path(ctx).im_rate[:160], 5)
+               for p in (0.0, 1.0, 1.5)}
+        assert inc[0.0] == 0.0 and inc[1.5] > inc[1.0] > 0
+        cap = 0.5 * (inc[0.0] + inc[1.0]) if free.power >= 1.0 else 0.5 * (inc[1.0] + inc[1.5])
+        capped = fit_predictive(ctx, pop, BacktestConfig(), grid=grid, refine=False, max_im_increase_5d=cap)
+        assert inc[capped.power] <= cap and capped.fitted["max_im_increase_5d"] == cap
+        assert capped.fitted["objective"]["max_im_increase_5d"] <= cap
+        with pytest.raises(ValueError, match="no candidate on the grid meets it"):
+            fit_predictive(ctx, pop, BacktestConfig(), grid={**grid, "power": (1.0, 1.5)}, refine=False,
+                           max_im_increase_5d=1e-6)
+
     def test_fit_needs_cut(self):
         bars, sig = market(50)
         with pytest.raises(ValueError, match="needs ctx.cut"):

@@ -242,6 +242,8 @@ class TestConfigErrors:
             ({"controls": {"floor": 0.3, "ceiling": 0.2}}, "controls.floor"),
             ({"policies": {"ewma_ccp": {"tool": "buffer"}}}, "policies.ewma_ccp"),
             ({"policies": {"predictive": {"round": 1}}}, "policies.predictive: unknown key(s) ['round']"),
+            ({"policies": {"predictive": {"max_im_increase_5d": "ewma"}}},
+             "policies.predictive.max_im_increase_5d must be a fraction > 0 or 'ewma_ccp', got 'ewma'"),
         ],
     )
     def test_bad_config_exits_2_naming_the_key(self, tmp_path: Path, change: dict, needle: str) -> None:
