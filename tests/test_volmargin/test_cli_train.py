@@ -120,8 +120,9 @@ def test_train_then_list(workdir):
     from training.registry import pinned_champion
 
     pin = pinned_champion(f"csv:{workdir / 'SYN.csv'}", "2016-06-01")
-    model_version, spec, location = pin
-    assert model_version == "1" and spec["key"] == asset["champion"] and Path(location).is_file()
+    assert pin.model_version == "1" and pin.spec["key"] == asset["champion"]
+    assert Path(pin.forecast_table).is_absolute() and Path(pin.forecast_table).is_file()
+    assert pin.forecast_artifact.startswith("runs:/") and pin.forecast_artifact.endswith(".parquet")
 
 
 def test_bad_config_exits_2_naming_key(workdir):
