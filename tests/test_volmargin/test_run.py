@@ -267,6 +267,8 @@ class TestConfigErrors:
             cfg = load_config(root / "configs" / name, "run")
             assert isinstance(cfg, RunConfig)
             assert [cfg.cut_for(d).isoformat() for d in cfg.datasets] == ["2018-01-01"] * 3
+        cfg = load_config(root / "configs" / "btc15m.yaml", "run")
+        assert [cfg.cut_for(d).isoformat() for d in cfg.datasets] == ["2021-11-15"]
 
 
 class TestHelpers:
