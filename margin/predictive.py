@@ -167,6 +167,10 @@ def fit_predictive(
 
     if ctx.cut is None:
         raise ValueError("fit_predictive needs ctx.cut (parameters are fitted on origins before it)")
+    if max_im_increase_5d is not None and not (isinstance(max_im_increase_5d, int | float)
+                                               and not isinstance(max_im_increase_5d, bool) and max_im_increase_5d > 0):
+        raise ValueError(f"max_im_increase_5d must be a fraction > 0, got {max_im_increase_5d!r} (the job resolves "
+                         "'ewma_ccp' to that policy's pre-cut increase before calling fit_predictive)")
     cfg = backtest_cfg or BacktestConfig()
     k = ctx.cut_index()
     if k < 3:

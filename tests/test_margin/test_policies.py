@@ -277,6 +277,8 @@ class TestPredictive:
         capped = fit_predictive(ctx, pop, BacktestConfig(), grid=grid, refine=False, max_im_increase_5d=cap)
         assert inc[capped.power] <= cap and capped.fitted["max_im_increase_5d"] == cap
         assert capped.fitted["objective"]["max_im_increase_5d"] <= cap
+        with pytest.raises(ValueError, match="max_im_increase_5d must be a fraction > 0, got 'ewma_ccp'"):
+            fit_predictive(ctx, pop, BacktestConfig(), grid=grid, max_im_increase_5d="ewma_ccp")
         with pytest.raises(ValueError, match="no candidate on the grid meets it"):
             fit_predictive(ctx, pop, BacktestConfig(), grid={**grid, "power": (1.0, 1.5)}, refine=False,
                            max_im_increase_5d=1e-6)
