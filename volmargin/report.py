@@ -270,11 +270,14 @@ def plot_margin_over_time(a: AssetReport, policies: Sequence[str]) -> str:
     if "realized_vol" in s:
         ax1b.plot(s.index, s["realized_vol"], color="C3", lw=0.8, alpha=0.7)
         ax1b.set_ylabel("realised vol (annualised)", color="C3")
-    for name in policies:
+    for i, name in enumerate(policies):
         col = f"im.{name}"
         if col in s:
-            ax2.plot(s.index, s[col], lw=1, label=name)
-    ax2.set_ylabel("IM rate for new positions")
+            ax2.plot(s.index, s[col], lw=1, color=f"C{i}", label=name)
+    if "mm.predictive" in s:  # the optimizer sets MM by its own mapping (mm_k): show what binds on open positions
+        i = list(policies).index("predictive") if "predictive" in policies else 0
+        ax2.plot(s.index, s["mm.predictive"], lw=0.8, ls="--", color=f"C{i}", label="predictive MM")
+    ax2.set_ylabel("IM for new positions (MM dashed)")
     ax2.legend(fontsize=7, ncol=4)
     ax1.set_title(f"{a.asset}: held-out price, realised volatility and margin")
     fig.tight_layout()

@@ -179,6 +179,7 @@ def _report_asset(out: AssetOutcome) -> Any:
             continue
         s = pd.Series(np.asarray(path.im_rate), index=path.times)
         series[f"im.{name}"] = s.reindex(bars.index).to_numpy()
+        series[f"mm.{name}"] = pd.Series(np.asarray(path.mm_rate), index=path.times).reindex(bars.index).to_numpy()
     policies = {}
     for name, res in out.results.items():
         cov = out.coverage.get(name, {})
