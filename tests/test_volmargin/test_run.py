@@ -227,7 +227,7 @@ class TestBacktestCommand:
         assert d["assets"]["SYN"]["champion"]["model_key"] == "ewma"
         assert d["assets"]["SYN"]["champion"]["forecast_table"] == "recomputed"
         s = json.loads((tmp_path / "out" / "summary.json").read_text())
-        assert set(s["assets"]["SYN"]["policies"]["predictive"]) == POLICY_KEYS
+        assert set(s["assets"]["SYN"]["policies"]["predictive"]) == POLICY_KEYS | POLICY_EXTRA_KEYS
         assert s["cut"] == {"SYN": "2020-02-01"}
 
 
