@@ -89,6 +89,9 @@ class ForecasterPyfunc(PythonModel):  # type: ignore[misc,valid-type]
         return {"forecaster": None, "default_horizon": self.default_horizon}
 
     def load_context(self, context: Any) -> None:
+        config = getattr(context, "model_config", None) or {}
+        if "default_horizon" in config:  # logged from code: the horizon comes as model_config
+            self.default_horizon = int(config["default_horizon"])
         with open(context.artifacts[ARTIFACT_KEY], "rb") as fh:
             self.forecaster = pickle.load(fh)  # noqa: S301 - written by log_forecaster
 
@@ -149,7 +152,8 @@ def log_forecaster(
         os.replace(part, path)
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=ForecasterPyfunc(default_horizon=int(horizon)),
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: nothing cloudpickled
+            model_config={"default_horizon": int(horizon)},
             artifacts={ARTIFACT_KEY: str(path)},
             signature=signature,
             input_example=example,

@@ -7,6 +7,7 @@ Input errors exit with code 2 and a message naming the file, field and value.
 from __future__ import annotations
 
 import logging
+import os
 
 import typer
 
@@ -27,6 +28,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # MLflow logs at INFO on its own handler (experiment created, signature validated ...): only with -v
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 app.add_typer(data_cmd.app, name="data", help="Load, check and prepare market data.")

@@ -204,6 +204,10 @@ def test_mlflow_pyfunc_round_trip(name, data, fitted, mlflow_uri, monkeypatch):
             ref.append(g.update(B.iloc[i : i + 1]).predict_variance(3).variance[0])
         np.testing.assert_allclose(out[["h.1", "h.2", "h.3"]].to_numpy(), np.array(ref), rtol=1e-9)
         assert list(pd.to_datetime(out["origin"])) == list(B.index[:4].tz_localize(None))
+        # logged from code (nothing cloudpickled): the default horizon comes back from model_config
+        default = loaded.predict(to_model_input(B.iloc[:4]))
+        assert [c for c in default.columns if c.startswith("h.")] == ["h.1", "h.2", "h.3"]
+        assert loaded.metadata.flavors["python_function"].get("model_code_path")
         # the wrapper never mutates the logged model; the raw forecaster loads back too
         back = load_forecaster(info.model_uri)
         assert back.last_time_ == A.index[-1]
