@@ -153,15 +153,15 @@ def fit_predictive(
     ``alpha`` (USD per liquidation, default 1 % of the median notional) and ``beta`` (USD per USD·bar of
     collateral; default ``capital_cost_annual`` (0.10) per year converted with the bar length).
 
-    The search: coordinate descent over ``grid`` (``rounds`` passes over level, power, stress, omega, floor
-    mm_binds, mm_k and mm_floor, keeping every improvement), then (``refine``) a finer look at level and power between
-    their grid neighbours. With ``target_avg_im`` the level is not searched: for every candidate shape it is
+    The search: coordinate descent over ``grid`` (``rounds`` passes over level, power, stress, omega, floor,
+    release, mm_binds, mm_k and mm_floor, keeping every improvement), then (``refine``) a finer look at level
+    and power between their grid neighbours. With ``target_avg_im`` the level is not searched: for every candidate shape it is
     solved so that the controlled IM averages ``target_avg_im`` over the bars before the cut, so the fit
     picks the best SHAPE at the capital of ``static_<target_avg_im>`` (the claim compares policies at equal
     collateral). With ``max_im_increase_5d`` (a fraction) a candidate whose controlled IM rises by more than
     that within 5 days anywhere in the fit window is infeasible (a procyclicality constraint set before the
-    cut, e.g. at the EWMA-CCP policy's own pre-cut increase). Returns the fitted policy; ``policy.fitted`` records the weights, the best objective and its parts,
-    the number of evaluations and the search path.
+    cut, e.g. at the EWMA-CCP policy's own pre-cut increase). Returns the fitted policy; ``policy.fitted``
+    records the weights, the best objective and its parts, the number of evaluations and the search path.
     """
     from margin.backtest import BacktestConfig, bars_per_day, run_backtest
 
