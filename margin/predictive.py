@@ -29,7 +29,7 @@ from margin.policies import (
     var_to_im,
 )
 
-__all__ = ["PredictivePolicy", "fit_predictive"]
+__all__ = ["PredictivePolicy", "fit_predictive", "is_increase_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,11 @@ class PredictivePolicy:
         return mm_controlled(self.name, ctx, raw, meta, raw_mm)
 
 
+def is_increase_cap(value: Any) -> bool:
+    """Whether ``value`` is a usable ``max_im_increase_5d``: a number > 0 (a fraction; bools are not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
 def fit_predictive(
     ctx: PolicyContext,
     population: Any,
@@ -167,8 +172,7 @@ def fit_predictive(
 
     if ctx.cut is None:
         raise ValueError("fit_predictive needs ctx.cut (parameters are fitted on origins before it)")
-    if max_im_increase_5d is not None and not (isinstance(max_im_increase_5d, int | float)
-                                               and not isinstance(max_im_increase_5d, bool) and max_im_increase_5d > 0):
+    if max_im_increase_5d is not None and not is_increase_cap(max_im_increase_5d):
         raise ValueError(f"max_im_increase_5d must be a fraction > 0, got {max_im_increase_5d!r} (the job resolves "
                          "'ewma_ccp' to that policy's pre-cut increase before calling fit_predictive)")
     cfg = backtest_cfg or BacktestConfig()

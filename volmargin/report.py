@@ -188,6 +188,15 @@ def verdict(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def verdict_tally(checks: Sequence[Mapping[str, Any]]) -> tuple[bool, int, int, int]:
+    """``(met, passed, failed, undefined)`` of :func:`verdict`'s checks: the target is met only when every
+    check passes (an undefined check is not a pass)."""
+    n_pass = sum(1 for c in checks if c["passed"] is True)
+    n_fail = sum(1 for c in checks if c["passed"] is False)
+    n_na = len(checks) - n_pass - n_fail
+    return n_fail == 0 and n_na == 0, n_pass, n_fail, n_na
+
+
 def beats_bound(summary: Mapping[str, Any]) -> list[str]:
     """Sentences naming each (asset, policy, metric) where a policy that changes MM on open positions
     does better than the entry-IM bound (share of the bound above 1)."""
@@ -352,10 +361,7 @@ def render_report(data: ReportData) -> str:
     parts.append(_table(rows, [("comparison", "comparison", "g"), ("liquidations_change", "liquidations", "pct"),
                                ("bad_debt_change", "bad debt", "pct"), ("n_assets", "assets", "g")]))
     checks = verdict(s)
-    n_pass = sum(1 for c in checks if c["passed"] is True)
-    n_fail = sum(1 for c in checks if c["passed"] is False)
-    n_na = sum(1 for c in checks if c["passed"] is None)
-    met = n_fail == 0 and n_na == 0
+    met, n_pass, n_fail, n_na = verdict_tally(checks)
     parts.append(
         f"<p><strong>Verdict: the target is {'MET' if met else 'NOT met'}</strong> "
         f"({n_pass} checks pass, {n_fail} fail, {n_na} undefined). Target: at equal collateral the predictive "

@@ -438,7 +438,7 @@ def check_policy_settings(cfg: RunConfig) -> None:
     import inspect
 
     from margin.policies import make_policy
-    from margin.predictive import fit_predictive
+    from margin.predictive import fit_predictive, is_increase_cap
 
     pol = cfg.policies
     for name in ("ewma_ccp", "garch_fhs", "oracle_vol"):
@@ -452,7 +452,7 @@ def check_policy_settings(cfg: RunConfig) -> None:
     if unknown:
         raise ValueError(f"policies.predictive: unknown key(s) {unknown}; known: {sorted(allowed)}")
     cap = pol.predictive.get("max_im_increase_5d")
-    if cap is not None and cap != "ewma_ccp" and not (isinstance(cap, int | float) and not isinstance(cap, bool) and cap > 0):
+    if cap is not None and cap != "ewma_ccp" and not is_increase_cap(cap):
         raise ValueError(f"policies.predictive.max_im_increase_5d must be a fraction > 0 or 'ewma_ccp', got {cap!r}")
     bound = {k: v for k, v in pol.bound.items() if k != "grid"}
     try:

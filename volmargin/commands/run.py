@@ -52,15 +52,15 @@ def _execute(config: Path, out: Path, mode: str) -> None:
             f"[bold]{key}[/] (pooled over {v['n_assets']} assets): liquidations {_pct(v['liquidations_change'])}, "
             f"bad debt {_pct(v['bad_debt_change'])}"
         )
-    from volmargin.report import verdict
+    from volmargin.report import verdict, verdict_tally
 
     rows = verdict(s)
-    failed = [r for r in rows if r["passed"] is False]
-    n_pass, n_na = sum(r["passed"] is True for r in rows), sum(r["passed"] is None for r in rows)
-    console.print(f"[bold]target {'met' if not failed and not n_na else 'NOT met'}[/] (as in the report): "
-                  f"{n_pass} checks pass, {len(failed)} fail, {n_na} undefined")
-    for r in failed:
-        console.print(f"  {r['scope']}: {r['check']}: {r['detail']}", soft_wrap=True)
+    met, n_pass, n_fail, n_na = verdict_tally(rows)
+    console.print(f"[bold]target {'met' if met else 'NOT met'}[/] (as in the report): "
+                  f"{n_pass} checks pass, {n_fail} fail, {n_na} undefined")
+    for r in rows:
+        if r["passed"] is False:
+            console.print(f"  {r['scope']}: {r['check']}: {r['detail']}", soft_wrap=True)
     console.print(f"report: {result.report_path}")
     console.print(f"summary: {result.summary_path}")
     console.print(f"MLflow: {result.tracking_uri} (run {result.run_id}); {result.seconds:.0f}s")
