@@ -4,10 +4,10 @@ Writes benchmarks/results/bench_backtest.json with
 
 * ``seconds``: wall time of the 5 policies (``static_0.10``, ``ewma_ccp``, ``garch_fhs``, ``predictive`` with
   fixed parameters, ``oracle_vol``): building each margin path and replaying it with
-  :func:`margin.backtest.run_backtest` (everything on: partial liquidation, volume slippage, fund, top-ups,
+  :func:`backtest.simulation.run_backtest` (everything on: partial liquidation, volume slippage, fund, top-ups,
   funding, fees, the ledger check at every bar); best of ``--repeats`` rounds (the machine is shared);
   target < 60 s on 2 cores;
-* ``ratio_vs_loop``: the per-position plain loop (:func:`margin.backtest.reference_backtest`, timed on a
+* ``ratio_vs_loop``: the per-position plain loop (:func:`backtest.simulation.reference_backtest`, timed on a
   subsample and scaled to all positions) against the vectorised backtest of the same policy on all
   positions, both in the frozen setting (positions independent), measured in the same run; the
   subsample's per-position outcomes are compared (``loop_max_rel_diff``: largest ``|a - b| / max(1, |b|)``);
@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.synthetic import simulate
-from margin.backtest import BacktestConfig, reference_backtest, run_backtest
-from margin.bound import cohort_table
-from margin.policies import PolicyContext, make_policy
-from margin.population import PopulationConfig, generate_population
+from backtest.simulation import BacktestConfig, reference_backtest, run_backtest
+from backtest.bound import cohort_table
+from backtest.factory import make_policy
+from margin.policies import PolicyContext
+from backtest.population import PopulationConfig, generate_population
 from models.base import VolatilityForecast
 
 OUT = Path(__file__).resolve().parent / "results" / "bench_backtest.json"

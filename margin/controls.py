@@ -11,7 +11,7 @@ controls answer the worry that thresholds move faster than participants can reac
 * ``mm_fraction``: the MM target is ``mm_fraction × IM`` (a policy with its own MM mapping passes ``raw_mm``;
   it gets the same change cap and notice, a floor of ``mm_fraction × floor`` and never exceeds IM).
 
-Timing convention (shared with :mod:`margin.backtest`): value ``t`` is published at the close of bar ``t``;
+Timing convention (shared with :mod:`backtest.simulation`): value ``t`` is published at the close of bar ``t``;
 ``im_new[t]`` applies to positions opened at that close, ``mm_open[t]`` binds during bar ``t + 1``.
 """
 

@@ -1,8 +1,10 @@
 """Margin policies: map forecasts and market state to a margin path (IM for new positions, MM for open ones).
 
-Every policy is a small frozen object with ``name`` and ``path(ctx: PolicyContext) -> MarginPath``;
-:func:`make_policy` builds one from its name and config. The optimizer lives in :mod:`margin.predictive`
-and the bound in :mod:`margin.bound` (their names stay importable from here).
+Every policy is a small frozen object with ``name`` and ``path(ctx: PolicyContext) -> MarginPath``
+(:mod:`margin.path`). This module holds the context, the shared helpers and the policies that need no
+search; the predictive mapping is in :mod:`margin.predictive`. Fitting it, the perfect-foresight bound and
+the factory that builds any policy by name (``backtest.factory.make_policy``) need the simulation, so they
+live in the ``backtest`` stage.
 
 =================  ==========================================================================================
 name               rule
@@ -16,20 +18,12 @@ name               rule
                    on the margin of the most stressed EWMA volatility seen so far)
 ``garch_fhs``      filtered historical simulation: the forecast's ``horizon``-step volatility × the VaR or ES
                    of bootstrapped sums of the forecast's standardized residuals, worst of long and short
-``predictive``     the optimizer (:class:`PredictivePolicy`): ``IM = max(floor, level (σ/σ_ref)^power
-                   (1 + stress p_stressed))``, σ a blend of the forecast's 1-step and H-step volatility (and of
-                   the quantile-implied volatility when present); MM ``mm_fraction × IM`` or its own
-                   mapping (``mm_k``-sigma one-bar move); parameters fitted before the cut only
-                   (:func:`fit_predictive`)
 ``oracle_vol``     IM from the REALISED future volatility (benchmark, not deployable; can lose to static)
-``bound``          perfect-foresight cohort optimizer (:class:`BoundPolicy`): per bar's cohort of new
-                   positions the entry IM on a grid that minimises ``metric + λ collateral`` knowing the
-                   future; MM fixed at entry; scored in the frozen setting
 =================  ==========================================================================================
 
 Controls (floor, ceiling, change cap, MM notice; :mod:`margin.controls`) apply to every deployable policy.
 Conventions: IM/MM are fractions of notional; value ``t`` is published at the close of bar ``t`` (see
-:mod:`margin.backtest`); a variance is per bar, in decimal log-return units.
+:mod:`margin.path`); a variance is per bar, in decimal log-return units.
 """
 
 from __future__ import annotations
@@ -45,110 +39,23 @@ from scipy.signal import lfilter
 from scipy.stats import norm
 
 from margin.controls import Controls, apply_controls
+from margin.path import MarginPath
 
 __all__ = [
-    "MarginPath",
     "PolicyContext",
     "Policy",
     "StaticPolicy",
     "EwmaCcpPolicy",
     "GarchFhsPolicy",
     "OracleVolPolicy",
-    "make_policy",
     "mm_controlled",
     "slow_release",
-    "POLICY_NAMES",
-    "DEFAULT_IM_GRID",
 ]
 
 log = logging.getLogger(__name__)
 
-#: IM grid of the bound and of the static levels (fractions of notional).
-DEFAULT_IM_GRID: tuple[float, ...] = (0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20, 0.25, 0.33, 0.5)
-POLICY_NAMES: tuple[str, ...] = ("static_<im>", "ewma_ccp", "garch_fhs", "predictive", "oracle_vol", "bound")
-
 
 # ---------------------------------------------------------------------------------------------- objects
-@dataclass(frozen=True)
-class MarginPath:
-    """Margin rates per bar, published at each bar's close.
-
-    Parameters
-    ----------
-    times : pd.DatetimeIndex
-        UTC bar times (``n_bars``), equal to the bars' index.
-    im_rate : np.ndarray
-        IM rate for positions opened at each close (fraction of notional).
-    mm_rate : np.ndarray
-        MM rate binding on open positions during the next bar (``mm_binds="path"``), or the MM of
-        positions opened at that close for life (``mm_binds="entry"``).
-    policy : str
-        Policy name.
-    meta : dict
-        Parameters and diagnostics.
-    mm_pending : np.ndarray, optional
-        Announced, not yet binding MM (NaN when none); margin calls use ``max(mm_rate, mm_pending)``.
-    mm_effective_bar : np.ndarray, optional
-        Bar from which ``mm_pending`` binds (-1 when none).
-    mm_binds : {"path", "entry"}
-        Whether open positions follow the path's MM or keep the MM of their entry bar.
-    """
-
-    times: pd.DatetimeIndex
-    im_rate: np.ndarray
-    mm_rate: np.ndarray
-    policy: str
-    meta: dict[str, Any] = field(default_factory=dict)
-    mm_pending: np.ndarray | None = None
-    mm_effective_bar: np.ndarray | None = None
-    mm_binds: Literal["path", "entry"] = "path"
-
-    def __post_init__(self) -> None:
-        times = pd.DatetimeIndex(self.times)
-        object.__setattr__(self, "times", times)
-        n = len(times)
-        for name in ("im_rate", "mm_rate"):
-            a = np.asarray(getattr(self, name), dtype=np.float64).ravel()
-            if a.size != n:
-                raise ValueError(f"MarginPath.{name} has {a.size} values for {n} times")
-            bad = ~np.isfinite(a) | (a <= 0) | (a > 1)
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"MarginPath.{name} must be in (0, 1], got {float(a[i])!r} at {times[i]}")
-            a.setflags(write=False)
-            object.__setattr__(self, name, a)
-        if np.any(self.mm_rate > self.im_rate * (1 + 1e-12)) and self.mm_binds == "entry":
-            raise ValueError("MarginPath.mm_rate must not exceed im_rate")
-        if self.mm_binds not in ("path", "entry"):
-            raise ValueError(f"MarginPath.mm_binds must be 'path' or 'entry', got {self.mm_binds!r}")
-        if self.mm_pending is not None:
-            p = np.asarray(self.mm_pending, dtype=np.float64).ravel()
-            if p.size != n:
-                raise ValueError(f"MarginPath.mm_pending has {p.size} values for {n} times")
-            object.__setattr__(self, "mm_pending", p)
-
-    def to_frame(self) -> pd.DataFrame:
-        d = {"im_rate": self.im_rate, "mm_rate": self.mm_rate}
-        if self.mm_pending is not None:
-            d["mm_pending"] = self.mm_pending
-        return pd.DataFrame(d, index=self.times)
-
-    def params_at(self, i: int, market_id: str, **changes: Any) -> Any:
-        """The :class:`margin.params.MarginParams` published at bar ``i`` (pending MM and its start included)."""
-        from margin.params import MarginParams
-
-        kw: dict[str, Any] = {"market_id": market_id, "im_rate": float(self.im_rate[i]),
-                              "mm_rate": float(min(self.mm_rate[i], self.im_rate[i])),
-                              "valid_from": self.times[i].to_pydatetime()}
-        if self.mm_pending is not None and np.isfinite(self.mm_pending[i]) and self.mm_effective_bar is not None:
-            eff = int(self.mm_effective_bar[i])
-            step = self.times[1] - self.times[0] if len(self.times) > 1 else pd.Timedelta(0)
-            kw["mm_rate_pending"] = float(min(self.mm_pending[i], self.im_rate[i]))
-            kw["mm_effective_from"] = (self.times[i] + (eff - i) * step).to_pydatetime()
-        kw.update(changes)
-        return MarginParams(**kw)
-
-
 @dataclass(frozen=True)
 class PolicyContext:
     """What a policy may look at.
@@ -443,57 +350,3 @@ class OracleVolPolicy:
         frac = ctx.controls.mm_fraction
         return MarginPath(times=ctx.times, im_rate=im, mm_rate=frac * im, policy=self.name,
                           meta={"scale": self.scale, "horizon": self.horizon, "deployable": False})
-
-
-# ---------------------------------------------------------------------------------------------- factory
-def make_policy(name: str, **cfg: Any) -> Any:
-    """Build a policy by name: ``static_<im>``, ``ewma_ccp``, ``garch_fhs``, ``predictive``, ``oracle_vol``,
-    ``bound`` (needs ``population``; ``bound_liquidations`` / ``bound_bad_debt`` set the objective)."""
-    if not isinstance(name, str):
-        raise TypeError(f"policy name must be a string, got {type(name).__name__}")
-    try:
-        if name.startswith("static_"):
-            try:
-                im = float(name[len("static_"):])
-            except ValueError:
-                raise ValueError(f"static policy name must be static_<im> with im a number, got {name!r}") from None
-            return StaticPolicy(im=im, **cfg)
-        if name == "static":
-            return StaticPolicy(**cfg)
-        if name == "ewma_ccp":
-            return EwmaCcpPolicy(**cfg)
-        if name == "garch_fhs":
-            return GarchFhsPolicy(**cfg)
-        if name == "predictive":
-            from margin.predictive import PredictivePolicy
-
-            return PredictivePolicy(**cfg)
-        if name == "oracle_vol":
-            return OracleVolPolicy(**cfg)
-        if name in ("bound", "bound_liquidations", "bound_bad_debt"):
-            if name != "bound":
-                cfg = {**cfg, "objective": name[len("bound_"):]}
-            if "population" not in cfg:
-                raise ValueError("policy 'bound' needs population= (it optimizes per cohort of positions)")
-            if "grid" in cfg:
-                cfg["grid"] = tuple(cfg["grid"])
-            from margin.bound import BoundPolicy
-
-            return BoundPolicy(**cfg)
-    except TypeError as exc:
-        raise ValueError(f"bad config for policy {name!r}: {exc}") from None
-    raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")
-
-
-# the optimizer and the bound live in their own modules; these names stay importable from here
-_MOVED = {"PredictivePolicy": "margin.predictive", "fit_predictive": "margin.predictive",
-          "CohortTable": "margin.bound", "cohort_table": "margin.bound", "BoundPolicy": "margin.bound",
-          "solve_lambda": "margin.bound", "bound_path": "margin.bound"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -117,7 +117,7 @@ def run_training(
 
     Parameters
     ----------
-    cfg : volmargin.config.TrainConfig
+    cfg : training.config.TrainSettings (or ``volmargin.config.TrainConfig``, which adds the executor)
         Validated config.
     config_path : path, optional
         Logged on the parent run.

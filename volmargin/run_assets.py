@@ -6,7 +6,6 @@ Used by :mod:`volmargin.run`; workers of ``volmargin.executor`` run :func:`evalu
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -53,57 +52,20 @@ def static_name(level: float) -> str:
     return f"static_{s}" if float(s) == level else f"static_{level:g}"
 
 
-def _replace_path(obj: Any, dotted: str, value: Any) -> Any:
-    """``dataclasses.replace`` along a dotted field path (nested frozen dataclasses)."""
-    head, _, rest = dotted.partition(".")
-    if not rest:
-        cur = getattr(obj, head)
-        if isinstance(cur, bool):
-            value = bool(value)
-        elif isinstance(cur, int) and float(value).is_integer():
-            value = int(value)
-        return dataclasses.replace(obj, **{head: value})
-    return dataclasses.replace(obj, **{head: _replace_path(getattr(obj, head), rest, value)})
-
-
-
-
-
 # ---------------------------------------------------------------------------- margin-side settings
 def build_controls(cfg: RunConfig) -> Any:
     """``margin.controls.Controls`` from the config."""
-    from margin.controls import Controls
-
-    return Controls(**cfg.controls.model_dump())
+    return cfg.controls.build()
 
 
 def build_population_config(cfg: RunConfig, overrides: Mapping[str, Any] | None = None) -> Any:
-    """``margin.population.PopulationConfig`` from the ``population`` section (seed from ``seed``)."""
-    from margin.population import PopulationConfig
-
-    d = dict(cfg.population)
-    if isinstance(d.get("funding_rate"), list):
-        d["funding_rate"] = tuple(d["funding_rate"])
-    pc = PopulationConfig(**d, seed=cfg.seed)
-    for k, v in (overrides or {}).items():
-        pc = _replace_path(pc, k, v)
-    return pc
+    """``backtest.population.PopulationConfig`` from the ``population`` section (seed from ``seed``)."""
+    return cfg.population.build(cfg.seed, overrides)
 
 
 def build_backtest_config(cfg: RunConfig, overrides: Mapping[str, Any] | None = None) -> Any:
-    """``margin.backtest.BacktestConfig`` from the ``backtest`` section (``liquidation`` as a mapping)."""
-    from margin.backtest import BacktestConfig
-    from margin.params import LiquidationSettings
-
-    d = dict(cfg.backtest)
-    if "liquidation" in d:
-        d["liquidation"] = LiquidationSettings(**dict(d["liquidation"]))
-    if isinstance(d.get("funding_rate"), list):
-        d["funding_rate"] = tuple(d["funding_rate"])
-    bc = BacktestConfig(**d)
-    for k, v in (overrides or {}).items():
-        bc = _replace_path(bc, k, v)
-    return bc
+    """``backtest.simulation.BacktestConfig`` from the ``backtest`` section (``liquidation`` as a mapping)."""
+    return cfg.backtest.build(overrides)
 
 
 # ---------------------------------------------------------------------------- one asset
@@ -138,7 +100,7 @@ def scaled_path(path: Any, scale: float, controls: Any, *, deployable: bool = Tr
     the floor and ceiling clip); references keep their MM rule.
     """
     from margin.controls import apply_controls
-    from margin.policies import MarginPath
+    from margin.path import MarginPath
 
     im = np.minimum(np.asarray(path.im_rate) * scale, 1.0)
     meta = {**path.meta, "frontier_scale": scale}
@@ -152,8 +114,8 @@ def scaled_path(path: Any, scale: float, controls: Any, *, deployable: bool = Tr
 
 def _bound_frontier(tab: Any, objective: str, targets: list[float]) -> Any:
     """Bound frontier (one objective) from its cohort table: one point per collateral target."""
-    from margin.bound import solve_lambda
-    from margin.frontier import Frontier, FrontierPoint
+    from backtest.bound import solve_lambda
+    from backtest.frontier import Frontier, FrontierPoint
 
     expo = float(tab.exposure.sum())
     pts = []
@@ -280,11 +242,12 @@ def evaluate_asset(
     progress: Progress | None = None,
 ) -> AssetOutcome:
     """Fit, backtest and compare every policy on one asset (see the module docstring)."""
-    from margin.backtest import run_backtest
-    from margin.frontier import compare, frontier_from_results
-    from margin.policies import PolicyContext, make_policy
-    from margin.population import generate_population
-    from margin.predictive import fit_predictive
+    from backtest.factory import make_policy
+    from backtest.fit import fit_predictive
+    from backtest.frontier import compare, frontier_from_results
+    from backtest.population import generate_population
+    from backtest.simulation import run_backtest
+    from margin.policies import PolicyContext
 
     t0 = time.perf_counter()
     controls = build_controls(cfg)
@@ -316,7 +279,7 @@ def evaluate_asset(
     pred_cfg = dict(pol.predictive)
     if pred_cfg.get("max_im_increase_5d") == "ewma_ccp":
         # the constraint at the EWMA-CCP policy's own largest 5-day increase before the cut
-        from margin.backtest import bars_per_day, max_increase
+        from backtest.simulation import bars_per_day, max_increase
 
         k = ctx.cut_index()
         pred_cfg["max_im_increase_5d"] = max_increase(paths["ewma_ccp"].im_rate[:k], round(5 * bars_per_day(ctx.times)))
@@ -403,10 +366,10 @@ def evaluate_asset(
 def _sensitivity(inp: AssetInputs, cfg: RunConfig, ctx: Any, predictive_path: Any) -> list[dict[str, Any]]:
     """One row per varied assumption value: the predictive policy (parameters from the base fit) against
     the static frontier recomputed under that assumption."""
-    from margin.backtest import run_backtest
-    from margin.frontier import compare, frontier_from_results
-    from margin.policies import make_policy
-    from margin.population import generate_population
+    from backtest.factory import make_policy
+    from backtest.frontier import compare, frontier_from_results
+    from backtest.population import generate_population
+    from backtest.simulation import run_backtest
 
     rows = []
     levels = list(cfg.policies.static_levels)
@@ -437,8 +400,9 @@ def check_policy_settings(cfg: RunConfig) -> None:
     """Build every configured policy once (cheap), so a bad setting fails before any work."""
     import inspect
 
-    from margin.policies import make_policy
-    from margin.predictive import fit_predictive, is_increase_cap
+    from backtest.factory import make_policy
+    from backtest.fit import fit_predictive
+    from margin.predictive import is_increase_cap
 
     pol = cfg.policies
     for name in ("ewma_ccp", "garch_fhs", "oracle_vol"):

@@ -236,8 +236,8 @@ class TestConfigErrors:
         ("change", "needle"),
         [
             ({"polices": {}}, "unknown key 'polices'"),
-            ({"population": {"n_positons": 3}}, "population: unknown key 'n_positons'"),
-            ({"backtest": {"liquidation": {"penalty": 0.1}}}, "backtest.liquidation: unknown key 'penalty'"),
+            ({"population": {"n_positons": 3}}, "population.n_positons: unknown key 'n_positons'"),
+            ({"backtest": {"liquidation": {"penalty": 0.1}}}, "backtest.liquidation.penalty: unknown key 'penalty'"),
             ({"sensitivity": {"vary": {"population.levrage": [1.0]}}}, "unknown field 'levrage'"),
             ({"controls": {"floor": 0.3, "ceiling": 0.2}}, "controls.floor"),
             ({"policies": {"ewma_ccp": {"tool": "buffer"}}}, "policies.ewma_ccp"),
@@ -293,7 +293,7 @@ class TestHelpers:
 
     def test_scaled_path_respects_controls(self) -> None:
         from margin.controls import Controls
-        from margin.policies import MarginPath
+        from margin.path import MarginPath
 
         t = pd.date_range("2020-01-01", periods=50, freq="D", tz="UTC")
         im = 0.05 + 0.04 * np.sin(np.arange(50) / 3.0)

@@ -3,7 +3,7 @@
 For each bar's cohort of new positions the entry IM is picked from a grid knowing the future path, with
 one Lagrange multiplier trading collateral against one objective (liquidations or bad debt). Scored in the
 frozen setting (volume slippage off, bad debt before the fund) where cohorts are independent, so it is the
-best of all entry-IM paths on its grid. Split from :mod:`margin.policies` (which re-exports the names).
+best of all entry-IM paths on its grid.
 """
 
 from __future__ import annotations
@@ -16,9 +16,14 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from margin.policies import DEFAULT_IM_GRID, MarginPath, PolicyContext
+from backtest.simulation import BacktestConfig, run_backtest
+from margin.path import MarginPath
+from margin.policies import PolicyContext
 
-__all__ = ["CohortTable", "cohort_table", "BoundPolicy", "solve_lambda", "bound_path"]
+__all__ = ["CohortTable", "cohort_table", "BoundPolicy", "solve_lambda", "bound_path", "DEFAULT_IM_GRID"]
+
+#: IM grid of the bound and of the static levels (fractions of notional).
+DEFAULT_IM_GRID: tuple[float, ...] = (0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20, 0.25, 0.33, 0.5)
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,6 @@ class CohortTable:
 def cohort_table(bars: pd.DataFrame, population: Any, backtest_cfg: Any, grid: Sequence[float],
                  mm_fraction: float, *, start: Any = None, end: Any = None) -> CohortTable:
     """Backtest every grid level (static IM, MM fixed at entry, frozen setting) and sum outcomes per cohort."""
-    from margin.backtest import BacktestConfig, run_backtest
-
     cfg = (backtest_cfg or BacktestConfig()).frozen_copy()
     times = pd.DatetimeIndex(bars.index)
     n = len(times)

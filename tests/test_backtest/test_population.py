@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from margin.population import POPULATION_DEFAULTS, Population, PopulationConfig, generate_population
+from backtest.population import POPULATION_DEFAULTS, Population, PopulationConfig, generate_population
 
 
 class TestGenerate:

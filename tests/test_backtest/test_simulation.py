@@ -6,11 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from margin.backtest import BacktestConfig, max_increase, reference_backtest, run_backtest
+from backtest.factory import make_policy
+from backtest.population import Population, PopulationConfig, generate_population
+from backtest.simulation import BacktestConfig, max_increase, reference_backtest, run_backtest
 from margin.controls import Controls
 from margin.params import LiquidationSettings
-from margin.policies import MarginPath, PolicyContext, make_policy
-from margin.population import Population, PopulationConfig, generate_population
+from margin.path import MarginPath
+from margin.policies import PolicyContext
 
 
 def make_bars(rows, start="2024-01-01", freq="D", volume=None):

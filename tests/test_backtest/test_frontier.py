@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from margin.backtest import BacktestConfig, run_backtest
-from margin.frontier import (
+from backtest.factory import make_policy
+from backtest.frontier import (
     Frontier,
     FrontierPoint,
     compare,
@@ -18,8 +18,9 @@ from margin.frontier import (
     refine,
     sweep,
 )
-from margin.policies import PolicyContext, make_policy
-from margin.population import PopulationConfig, generate_population
+from backtest.population import PopulationConfig, generate_population
+from backtest.simulation import BacktestConfig, run_backtest
+from margin.policies import PolicyContext
 
 
 def fr(points, family="static"):

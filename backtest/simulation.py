@@ -37,17 +37,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from backtest.population import Population
 from margin.liquidation import Ledger, liquidate_isolated
 from margin.params import LiquidationSettings
-from margin.population import Population
-
-if TYPE_CHECKING:
-    from margin.policies import MarginPath
+from margin.path import MarginPath
 
 log = logging.getLogger(__name__)
 

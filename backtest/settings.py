@@ -1,0 +1,204 @@
+"""Pydantic models of the backtest stage's config sections: ``population``, ``backtest``, ``policies``.
+
+Each model forbids unknown keys, so a typo is reported with the key's name; ``volmargin.config.RunConfig``
+composes them. The population and backtest sections mirror the dataclasses they build
+(:class:`backtest.population.PopulationConfig`, :class:`backtest.simulation.BacktestConfig`): a key left out
+keeps the dataclass default, and the dataclass's own checks run when the section is built, so an error
+names the field and the value (``population.topup_prob must be in [0, 1], got 1.5``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from backtest.population import PopulationConfig
+from backtest.simulation import BacktestConfig
+from margin.params import LiquidationSettings
+
+__all__ = [
+    "PopulationSettings",
+    "LiquidationSection",
+    "BacktestSettings",
+    "PredictiveObjective",
+    "PoliciesConfig",
+    "replace_path",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def given(self) -> dict[str, Any]:
+        """The keys set in the config (``None`` = the dataclass default)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+def replace_path(obj: Any, dotted: str, value: Any) -> Any:
+    """``dataclasses.replace`` along a dotted field path of nested frozen dataclasses (``liquidation.penalty_rate``).
+
+    An integer field given a whole float (``topup_max: 1.0``) keeps its integer type; a bool field gets a bool.
+    """
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        cur = getattr(obj, head)
+        if isinstance(cur, bool):
+            value = bool(value)
+        elif isinstance(cur, int) and float(value).is_integer():
+            value = int(value)
+        return dataclasses.replace(obj, **{head: value})
+    return dataclasses.replace(obj, **{head: replace_path(getattr(obj, head), rest, value)})
+
+
+class PopulationSettings(_Strict):
+    """The ``population`` section: fields of :class:`backtest.population.PopulationConfig` (its module table
+    gives the defaults; ``seed`` comes from the run's ``seed``)."""
+
+    n_positions: int | None = None
+    long_share: float | None = None
+    arrival: Literal["uniform", "volume"] | None = None
+    leverage_median: float | None = None
+    leverage_sigma: float | None = None
+    leverage_min: float | None = None
+    leverage_max: float | None = None
+    hold: Literal["geometric", "lognormal"] | None = None
+    hold_mean_bars: float | None = None
+    hold_sigma: float | None = None
+    hold_max_bars: int | None = None
+    notional_median: float | None = None
+    notional_sigma: float | None = None
+    topup_prob: float | None = None
+    topup_level: float | None = None
+    topup_max: int | None = None
+    call_health: float | None = None
+    fee_rate: float | None = None
+    funding_rate: float | list[float] | None = None
+
+    def build(self, seed: int, overrides: Mapping[str, Any] | None = None) -> PopulationConfig:
+        """The :class:`PopulationConfig` with ``seed`` and dotted ``overrides`` (sensitivity runs) applied."""
+        d = self.given()
+        if isinstance(d.get("funding_rate"), list):
+            d["funding_rate"] = tuple(d["funding_rate"])
+        pc = PopulationConfig(**d, seed=seed)
+        for k, v in (overrides or {}).items():
+            pc = replace_path(pc, k, v)
+        return pc
+
+
+class LiquidationSection(_Strict):
+    """``backtest.liquidation``: fields of :class:`margin.params.LiquidationSettings`."""
+
+    penalty_rate: float | None = None
+    max_close_fraction: float | None = None
+    target_health: float | None = None
+    slippage_base: float | None = None
+    slippage_range_coef: float | None = None
+    slippage_volume_coef: float | None = None
+    insurance_fund_initial: float | None = None
+
+
+class BacktestSettings(_Strict):
+    """The ``backtest`` section: fields of :class:`backtest.simulation.BacktestConfig`."""
+
+    liquidation: LiquidationSection | None = None
+    fund_initial: float | None = None
+    frozen: bool | None = None
+    topups: bool | None = None
+    funding: bool | None = None
+    fees: bool | None = None
+    funding_rate: float | list[float] | None = None
+    volume_scale: float | None = None
+    max_steps_per_bar: int | None = None
+
+    def build(self, overrides: Mapping[str, Any] | None = None) -> BacktestConfig:
+        """The :class:`BacktestConfig` with dotted ``overrides`` (``liquidation.slippage_range_coef``) applied."""
+        d = self.given()
+        if self.liquidation is not None:
+            d["liquidation"] = LiquidationSettings(**self.liquidation.given())
+        if isinstance(d.get("funding_rate"), list):
+            d["funding_rate"] = tuple(d["funding_rate"])
+        bc = BacktestConfig(**d)
+        for k, v in (overrides or {}).items():
+            bc = replace_path(bc, k, v)
+        return bc
+
+
+class PredictiveObjective(_Strict):
+    """Objective of the predictive fit: ``bad_debt + alpha * liquidations + beta * collateral_locked``.
+
+    Parameters
+    ----------
+    alpha : float, optional
+        Cost of one liquidation in quote currency (default in :func:`backtest.fit.fit_predictive`: 1% of
+        the population's median notional).
+    beta : float, optional
+        Cost of one unit of collateral locked for one bar (quote currency per quote-currency·bar).
+    capital_cost_annual : float, optional
+        Alternative to ``beta``: annual cost of capital as a fraction (default 0.10), converted per bar.
+    """
+
+    alpha: float | None = Field(default=None, ge=0)
+    beta: float | None = Field(default=None, ge=0)
+    capital_cost_annual: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_cost(self) -> PredictiveObjective:
+        if self.beta is not None and self.capital_cost_annual is not None:
+            raise ValueError("give either objective.beta or objective.capital_cost_annual, not both")
+        return self
+
+    def weights(self) -> dict[str, float]:
+        """The weights that are set (``fit_predictive`` fills in the rest)."""
+        return {k: float(v) for k, v in self.given().items()}
+
+
+class PoliciesConfig(_Strict):
+    """Policies run by the job and their settings (passed to :func:`backtest.factory.make_policy`).
+
+    Parameters
+    ----------
+    static_levels : list of float
+        IM rates of the ``static_<im>`` policies; also the bound's IM grid unless ``bound.grid`` is set.
+    ewma_ccp, garch_fhs, oracle_vol, bound : dict
+        Keyword settings of each policy (e.g. ``ewma_ccp: {apc: buffer}``; ``garch_fhs:
+        {confidence: 0.99, horizon: 2}``); checked against ``make_policy`` when the job starts.
+    predictive : dict
+        Keyword settings of ``fit_predictive`` besides the objective weights.
+    objective : PredictiveObjective
+        Weights ``alpha`` and ``beta`` of the predictive objective.
+    frontier_scales : list of float
+        Multipliers applied to each adaptive family's margin to trace its frontier.
+    """
+
+    static_levels: list[float] = Field(
+        default_factory=lambda: [0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20, 0.25, 0.33, 0.50],
+        min_length=2,
+    )
+    ewma_ccp: dict[str, Any] = Field(default_factory=dict)
+    garch_fhs: dict[str, Any] = Field(default_factory=dict)
+    predictive: dict[str, Any] = Field(default_factory=dict)
+    objective: PredictiveObjective = Field(default_factory=PredictiveObjective)
+    oracle_vol: dict[str, Any] = Field(default_factory=dict)
+    bound: dict[str, Any] = Field(default_factory=dict)
+    frontier_scales: list[float] = Field(default_factory=lambda: [0.6, 0.8, 1.0, 1.25, 1.6])
+
+    @field_validator("static_levels")
+    @classmethod
+    def _levels(cls, v: list[float]) -> list[float]:
+        for lv in v:
+            if not 0 < lv <= 1:
+                raise ValueError(f"static level (IM rate) must be in (0, 1], got {lv}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"static_levels must be unique, got {v}")
+        return sorted(v)
+
+    @field_validator("frontier_scales")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        for s in v:
+            if not s > 0:
+                raise ValueError(f"frontier scale must be > 0, got {s}")
+        return sorted(set(v))
