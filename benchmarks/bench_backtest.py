@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.synthetic import simulate
-from backtest.simulation import BacktestConfig, reference_backtest, run_backtest
 from backtest.bound import cohort_table
 from backtest.factory import make_policy
-from margin.policies import PolicyContext
 from backtest.population import PopulationConfig, generate_population
+from backtest.simulation import BacktestConfig, reference_backtest, run_backtest
+from data_pipelines.synthetic import simulate
+from margin.policies import PolicyContext
 from models.base import VolatilityForecast
 
 OUT = Path(__file__).resolve().parent / "results" / "bench_backtest.json"

@@ -49,7 +49,7 @@ def _optional(module: str) -> None:
     mod.register(app)
 
 
-for _m in ("train", "margin", "run"):
+for _m in ("train", "margin", "run", "serve"):
     _optional(_m)
 
 

@@ -1,0 +1,136 @@
+"""Load test of the margin feed service on loopback: ``python benchmarks/bench_serving.py``.
+
+Publishes the shipped markets (configs/markets.yaml, fresh store and key in a temporary folder), starts the
+real service (uvicorn, one process) on 127.0.0.1, and drives it from a separate process with a bounded,
+open-loop load per route:
+
+* ``GET /v1/params/BTC-PERP`` at 500 requests/s for 10 s (target p99 < 10 ms);
+* ``POST /v1/margin`` with a 1,000-account portfolio, with liquidation prices (target p99 < 50 ms) and without.
+
+Writes ``benchmarks/results/bench_serving.json``: per route ``rps``, ``p50_ms``, ``p99_ms``, ``errors`` (and the
+load it was driven with), measured in this run. Latencies count from each request's scheduled send time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+OUT = REPO / "benchmarks" / "results" / "bench_serving.json"
+
+_SERVER = r"""
+import sys, uvicorn
+from serving.app import ServiceSettings, create_app
+from serving.markets import load_markets
+cfg = load_markets(sys.argv[1])
+app = create_app(cfg, sys.argv[2], ServiceSettings(rate=5000.0, burst=10000))
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[3]), log_level="error", access_log=False)
+"""
+
+_DRIVER = r"""
+import json, sys
+from serving.loadgen import LoadSpec, drive
+spec = json.loads(sys.argv[2])
+body = open(spec.pop("body_file"), "rb").read() if spec.get("body_file") else None
+spec.pop("body_file", None)
+print(json.dumps(drive(sys.argv[1], LoadSpec(body=body, **spec))))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> dict:
+    import yaml
+
+    from serving.keys import generate_key, load_key
+    from serving.loadgen import portfolio_doc
+    from serving.markets import load_markets
+    from serving.publish import publish_market
+    from serving.store import FeedStore
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    doc = yaml.safe_load((REPO / "configs" / "markets.yaml").read_text())
+    doc["feed"]["db"] = str(tmp / "feed.db")
+    doc["feed"]["cache_dir"] = str(REPO / "artifacts" / "serving")
+    mf = tmp / "markets.yaml"
+    mf.write_text(yaml.safe_dump(doc))
+    cfg = load_markets(mf)
+    generate_key(tmp / "key")
+    key = load_key(tmp / "key")
+    store = FeedStore(cfg.feed.db)
+    t0 = time.perf_counter()
+    for m in cfg.markets:
+        publish_market(cfg, m, store, key)
+    publish_s = time.perf_counter() - t0
+    body = tmp / "portfolio.json"
+    body.write_text(json.dumps(portfolio_doc(1000)))
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    srv = subprocess.Popen([sys.executable, "-c", _SERVER, str(mf), cfg.feed.db, str(port)], env=env, cwd=REPO)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        for _ in range(200):
+            try:
+                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("server did not become ready")
+        loads = {
+            "GET /v1/params/{market}": {"name": "params", "method": "GET", "path": "/v1/params/BTC-PERP", "rate": 500.0,
+                                        "duration_s": 10.0, "workers": 16},
+            "POST /v1/margin (1000 accounts)": {"name": "margin", "method": "POST", "path": "/v1/margin", "rate": 5.0,
+                                                "duration_s": 10.0, "workers": 4, "body_file": str(body),
+                                                "headers": [["content-type", "application/json"]]},
+            "POST /v1/margin (1000 accounts, liquidation_price=false)": {
+                "name": "margin_nolp", "method": "POST", "path": "/v1/margin?liquidation_price=false", "rate": 10.0,
+                "duration_s": 10.0, "workers": 4, "body_file": str(body),
+                "headers": [["content-type", "application/json"]]},
+        }
+        routes = {}
+        for label, spec in loads.items():
+            spec = dict(spec)
+            spec["headers"] = [tuple(h) for h in spec.get("headers", [])]
+            proc = subprocess.run([sys.executable, "-c", _DRIVER, base, json.dumps(spec)], env=env, cwd=REPO,
+                                  capture_output=True, text=True, timeout=300, check=True)
+            routes[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        srv.terminate()
+        srv.wait(timeout=30)
+    result = {
+        "benchmark": "serving",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "publish_3_markets_s": round(publish_s, 3),
+        "targets": {"GET /v1/params/{market}": "p99 < 10 ms at 500 req/s",
+                    "POST /v1/margin (1000 accounts)": "p99 < 50 ms"},
+        "routes": routes,
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    from data_pipelines.atomic import atomic_write_text
+
+    atomic_write_text(OUT, json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    res = main()
+    for label, r in res["routes"].items():
+        sys.stdout.write(f"{label}: rps {r['rps']} p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms errors {r['errors']}\n")
