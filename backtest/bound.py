@@ -1,171 +1,216 @@
-"""The ``bound``: the perfect-foresight cohort optimizer that marks the limit of entry-IM policies.
+"""The ``bound``: a perfect-foresight relaxation that no deployable margin policy can beat.
 
-For each bar's cohort of new positions the entry IM is picked from a grid knowing the future path, with
-one Lagrange multiplier trading collateral against one objective (liquidations or bad debt). Scored in the
-frozen setting (volume slippage off, bad debt before the fund) where cohorts are independent, so it is the
-best of all entry-IM paths on its grid.
+What it contains
+----------------
+Every control a deployable policy has: an IM per cohort (the positions opening at one close share it, as
+they share a published IM) chosen on a continuum in (0, 1] knowing the future, and a maintenance margin
+chosen per POSITION and per bar knowing the future (so every MM path, with or without notice or change
+caps, and every MM fixed at entry, is one of its choices). A position is then liquidated only when no MM
+could have saved it: when its equity would otherwise reach zero (the price crosses its bankruptcy price)
+and, for a trader who tops up on margin calls, top-ups could not have kept it above zero either.
+
+Scored in the frozen setting (volume slippage off, so positions are independent; top-ups as drawn), per
+position and IM level ``g`` (entry margin ``w0 = notional × max(1/leverage, g)``) it offers:
+
+* *survive*: no liquidation, no bad debt, collateral ``Σ_t w_t`` over the bars held — for a position that
+  does not top up ``w_t = w0 - P_t`` (``P_t`` the funding paid by bar ``t``), feasible only when
+  ``w0 > max_t M_t`` with ``M_t = need_t + P_t`` and ``need_t`` the loss at the bar's adverse extreme; for a
+  position that tops up, the least margin path that never reaches zero (top-ups only add margin, from the
+  close of its first bar on): ``w_t + P_t = max(w0, max_{s<=t} M_s)``, feasible when ``w0 > M_{first bar}``;
+* *liquidate*: one liquidation, no bad debt, collateral of its first bar only ``w0 - P_{t0+1}`` (every
+  liquidated position locks at least that much).
+
+Every deployable policy's outcome for a position is no better on all three counts than one of these
+(it liquidates a position whose price crosses bankruptcy, its top-ups are at least the least path's, bad
+debt is >= 0), so for any collateral budget ``c`` the bound's liquidations ``L*(c)`` are at most any
+deployable policy's at collateral <= ``c`` with any bad debt. ``L*(c)`` is computed by Lagrangian
+duality: for a multiplier ``λ`` each cohort picks the IM minimising ``Σ_p min(options: L + λ C)`` (the
+cohort's cost is non-decreasing in IM between the positions' survival thresholds, so only those thresholds
+are candidates: the minimum is exact, no grid), and ``L*(c)`` is read off the lower convex hull of the
+``(C(λ), L(λ))`` points, itself a lower bound of the integer programme. A "share of the bound" above 1
+therefore means a bug.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from backtest.simulation import BacktestConfig, run_backtest
-from margin.path import MarginPath
-from margin.policies import PolicyContext
+from backtest.population import Population
+from backtest.simulation import BacktestConfig, ohlcv_arrays, window_bounds
 
-__all__ = ["CohortTable", "cohort_table", "BoundPolicy", "solve_lambda", "bound_path", "DEFAULT_IM_GRID"]
-
-#: IM grid of the bound and of the static levels (fractions of notional).
-DEFAULT_IM_GRID: tuple[float, ...] = (0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20, 0.25, 0.33, 0.5)
+__all__ = ["ClairvoyantBound", "BoundPoint", "clairvoyant_bound"]
 
 
 @dataclass(frozen=True)
-class CohortTable:
-    """Per cohort (bar of entry) × IM grid level outcomes in the frozen setting (entry-fixed MM).
+class BoundPoint:
+    """The bound at one average collateral (``avg_collateral`` = collateral locked / exposure)."""
 
-    ``liquidations``, ``bad_debt``, ``collateral`` (USD·bars): arrays ``(n_bars, n_grid)``; ``exposure``
-    (USD·bars, the same for every level) per cohort; ``grid`` the IM levels.
+    avg_collateral: float
+    liquidations: float
+    bad_debt: float
+    lam: float | None
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"avg_collateral": self.avg_collateral, "liquidations": self.liquidations, "bad_debt": self.bad_debt,
+                "lam": self.lam, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class ClairvoyantBound:
+    """Per (cohort candidate IM, position) options of the relaxation (see the module docstring).
+
+    Arrays over pairs: ``pair_cand`` (candidate index), ``surv_ok`` (survival feasible), ``surv_coll``,
+    ``liq_coll`` (USD·bars); over candidates: ``cand_cohort``, ``cand_im``; ``exposure`` (USD·bars, the
+    simulation's denominator for ``avg_collateral``).
     """
 
-    grid: np.ndarray
-    liquidations: np.ndarray
-    bad_debt: np.ndarray
-    collateral: np.ndarray
-    exposure: np.ndarray
-    has_cohort: np.ndarray
+    pair_cand: np.ndarray
+    surv_ok: np.ndarray
+    surv_coll: np.ndarray
+    liq_coll: np.ndarray
+    cand_cohort: np.ndarray
+    cand_im: np.ndarray
+    exposure: float
+    n_positions: int
 
-    def metric(self, objective: str) -> np.ndarray:
-        if objective not in ("liquidations", "bad_debt"):
-            raise ValueError(f"bound objective must be 'liquidations' or 'bad_debt', got {objective!r}")
-        return self.liquidations if objective == "liquidations" else self.bad_debt
+    def solve(self, lam: float) -> tuple[float, float, np.ndarray]:
+        """``(liquidations, collateral, chosen candidate per cohort)`` minimising ``L + lam × C``."""
+        surv_cost = np.where(self.surv_ok, lam * self.surv_coll, np.inf)
+        liq_cost = 1.0 + lam * self.liq_coll
+        take_surv = surv_cost <= liq_cost
+        cost = np.where(take_surv, surv_cost, liq_cost)
+        n_c = self.cand_im.size
+        cand_cost = np.bincount(self.pair_cand, weights=cost, minlength=n_c)
+        cand_liq = np.bincount(self.pair_cand, weights=(~take_surv).astype(np.float64), minlength=n_c)
+        cand_coll = np.bincount(self.pair_cand, weights=np.where(take_surv, self.surv_coll, self.liq_coll),
+                                minlength=n_c)
+        # per cohort: the candidate with the least cost (ties: the lower IM, listed first)
+        order = np.lexsort((np.arange(n_c), cand_cost, self.cand_cohort))
+        first = np.r_[True, self.cand_cohort[order][1:] != self.cand_cohort[order][:-1]]
+        chosen = order[first]
+        return float(cand_liq[chosen].sum()), float(cand_coll[chosen].sum()), chosen
 
-    def choose(self, objective: str, lam: float) -> np.ndarray:
-        """Grid index per cohort minimising ``metric + lam × collateral`` (ties: the lower IM)."""
-        score = self.metric(objective) + lam * self.collateral
-        return np.argmin(score, axis=1)
+    def at(self, avg_collateral: float, iters: int = 60) -> BoundPoint:
+        """The bound's liquidations at ``avg_collateral`` (lower convex hull; bisection on ``lam``)."""
+        c = float(avg_collateral)
+        if not math.isfinite(c) or self.exposure <= 0:
+            return BoundPoint(c, math.nan, 0.0, None, "no exposure in the window or collateral not finite")
+        target = c * self.exposure
+        l0, c0, _ = self.solve(0.0)
+        if c0 <= target:
+            return BoundPoint(c, l0, 0.0, 0.0)
+        scale = self.exposure / max(self.n_positions, 1)
+        hi = 1.0 / scale
+        while self.solve(hi)[1] > target and hi < 1e12 / scale:
+            hi *= 10.0
+        lh, ch, _ = self.solve(hi)
+        if ch > target:
+            return BoundPoint(c, math.nan, 0.0, None,
+                              f"avg_collateral {c:.4g} is below the least the bound can lock ({ch / self.exposure:.4g})")
+        lo = 0.0
+        ll, cl = l0, c0
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi) if lo == 0.0 else math.sqrt(lo * hi)
+            lm, cm, _ = self.solve(mid)
+            if cm > target:
+                lo, ll, cl = mid, lm, cm
+            else:
+                hi, lh, ch = mid, lm, cm
+        # on the hull between the two solutions around the target (exact at a vertex)
+        w = 0.0 if cl == ch else (cl - target) / (cl - ch)
+        return BoundPoint(c, (1.0 - w) * ll + w * lh, 0.0, hi)
 
-    def totals(self, objective: str, choice: np.ndarray) -> tuple[float, float]:
-        rows = np.arange(choice.size)
-        return (float(self.metric(objective)[rows, choice].sum()), float(self.collateral[rows, choice].sum()))
 
+def clairvoyant_bound(bars: pd.DataFrame, population: Population, cfg: BacktestConfig | None = None, *,
+                      start: Any = None, end: Any = None) -> ClairvoyantBound:
+    """Build the relaxation's options for the positions opening in ``[start, end)`` (see the module docstring).
 
-def cohort_table(bars: pd.DataFrame, population: Any, backtest_cfg: Any, grid: Sequence[float],
-                 mm_fraction: float, *, start: Any = None, end: Any = None) -> CohortTable:
-    """Backtest every grid level (static IM, MM fixed at entry, frozen setting) and sum outcomes per cohort."""
-    cfg = (backtest_cfg or BacktestConfig()).frozen_copy()
+    Uses the simulation's conventions: funding at each bar's open, collateral recorded before liquidation,
+    positions held from the bar after their entry close to ``min(entry + hold, last bar)``.
+    """
+    cfg = (cfg or BacktestConfig()).frozen_copy()
+    px = ohlcv_arrays(bars)
+    n = len(bars)
+    if population.n_bars != n:
+        raise ValueError(f"population was drawn for {population.n_bars} bars but bars has {n}")
     times = pd.DatetimeIndex(bars.index)
-    n = len(times)
-    gr = np.asarray(sorted(float(x) for x in grid))
-    L = np.zeros((n, gr.size))
-    B = np.zeros((n, gr.size))
-    C = np.zeros((n, gr.size))
-    E = np.zeros(n)
-    has = np.zeros(n, dtype=bool)
-    for j, im in enumerate(gr):
-        path = MarginPath(times=times, im_rate=np.full(n, im), mm_rate=np.full(n, mm_fraction * im),
-                          policy=f"static_{im:g}", mm_binds="entry")
-        res = run_backtest(bars, path, population, cfg, start=start, end=end, per_position=True)
-        pp = res.per_position
-        ob = pp["open_bar"]
-        L[:, j] = np.bincount(ob, weights=pp["liquidations"], minlength=n)
-        B[:, j] = np.bincount(ob, weights=pp["bad_debt"], minlength=n)
-        C[:, j] = np.bincount(ob, weights=pp["collateral"], minlength=n)
-        if j == 0:
-            E = np.bincount(ob, weights=pp["exposure"], minlength=n).astype(np.float64)
-            has = np.bincount(ob, minlength=n) > 0
-    return CohortTable(grid=gr, liquidations=L, bad_debt=B, collateral=C, exposure=E, has_cohort=has)
-
-
-@dataclass(frozen=True)
-class BoundPolicy:
-    """Perfect-foresight cohort optimizer (not deployable): the limit for entry-IM policies.
-
-    For each bar's cohort of new positions it picks the entry IM on ``grid`` that minimises
-    ``metric + lam × collateral_locked`` knowing the future (metric: ``objective`` = liquidations or
-    bad_debt); MM = ``mm_fraction × entry IM`` fixed for the position's life. In the frozen setting
-    (``BacktestConfig.frozen``) cohorts are independent, so the path is the best of all entry-IM paths on
-    its grid for its collateral. Give ``lam`` directly, or ``target_avg_collateral`` to solve for the
-    largest collateral not above it (bisection on ``lam``).
-    """
-
-    population: Any
-    backtest_cfg: Any = None
-    grid: tuple[float, ...] = DEFAULT_IM_GRID
-    objective: Literal["liquidations", "bad_debt"] = "liquidations"
-    lam: float | None = None
-    target_avg_collateral: float | None = None
-    start: Any = "cut"
-    end: Any = None
-    mm_fraction: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.objective not in ("liquidations", "bad_debt"):
-            raise ValueError(f"bound objective must be 'liquidations' or 'bad_debt', got {self.objective!r}")
-        if self.lam is None and self.target_avg_collateral is None:
-            object.__setattr__(self, "lam", 0.0)
-        if self.lam is not None and self.lam < 0:
-            raise ValueError(f"bound lam must be >= 0, got {self.lam!r}")
-
-    @property
-    def name(self) -> str:
-        return f"bound_{self.objective}"
-
-    def table(self, ctx: PolicyContext) -> CohortTable:
-        start = ctx.cut if self.start == "cut" else self.start
-        frac = ctx.controls.mm_fraction if self.mm_fraction is None else self.mm_fraction
-        return cohort_table(ctx.bars, self.population, self.backtest_cfg, self.grid, frac, start=start, end=self.end)
-
-    def path(self, ctx: PolicyContext, table: CohortTable | None = None) -> MarginPath:
-        tab = table if table is not None else self.table(ctx)
-        lam = self.lam if self.target_avg_collateral is None else solve_lambda(
-            tab, self.objective, self.target_avg_collateral)
-        return bound_path(ctx, tab, self.objective, lam, self.mm_fraction, name=self.name)
-
-
-def solve_lambda(tab: CohortTable, objective: str, target_avg_collateral: float, iters: int = 80) -> float:
-    """Smallest ``lam`` whose bound uses at most ``target_avg_collateral`` (collateral / exposure)."""
-    expo = float(tab.exposure.sum())
-    if expo <= 0:
-        return 0.0
-
-    def avg(lam: float) -> float:
-        return tab.totals(objective, tab.choose(objective, lam))[1] / expo
-
-    if avg(0.0) <= target_avg_collateral:
-        return 0.0
-    hi = 1e-15
-    while avg(hi) > target_avg_collateral and hi < 1e30:
-        hi *= 10.0
-    lo = hi / 10.0
-    for _ in range(iters):
-        mid = math.sqrt(lo * hi)
-        if avg(mid) > target_avg_collateral:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-def bound_path(ctx: PolicyContext, tab: CohortTable, objective: str, lam: float,
-               mm_fraction: float | None = None, name: str | None = None) -> MarginPath:
-    """The bound's margin path for one ``lam`` (bars without a cohort carry the previous level)."""
-    choice = tab.choose(objective, lam)
-    im = tab.grid[choice].astype(np.float64)
-    s = pd.Series(np.where(tab.has_cohort, im, np.nan)).ffill().bfill()
-    im = s.fillna(float(np.median(tab.grid))).to_numpy()
-    frac = ctx.controls.mm_fraction if mm_fraction is None else mm_fraction
-    metric, coll = tab.totals(objective, choice)
-    expo = float(tab.exposure.sum())
-    meta = {"objective": objective, "lam": lam, "grid": tab.grid.tolist(), "deployable": False,
-            "predicted_metric": metric, "predicted_collateral": coll,
-            "predicted_avg_collateral": coll / expo if expo > 0 else float("nan"),
-            "scored_in": "frozen setting (volume slippage off, bad debt before the fund, MM fixed at entry)"}
-    return MarginPath(times=ctx.times, im_rate=im, mm_rate=frac * im, policy=name or f"bound_{objective}",
-                      meta=meta, mm_binds="entry")
+    i0, i1 = window_bounds(times, start, end)
+    o_, h_, l_, c_ = px["open"], px["high"], px["low"], px["close"]
+    if cfg.funding:
+        fr = (population.funding_series(n) if cfg.funding_rate is None
+              else np.broadcast_to(np.asarray(cfg.funding_rate, dtype=np.float64), (n,)).copy())
+    else:
+        fr = np.zeros(n)
+    F = np.cumsum(o_ * fr)  # funding per unit long, cumulative to each bar's open
+    pc = population.cfg
+    ob = population.open_bar
+    lo_ptr = int(ob.searchsorted(i0, side="left"))
+    hi_ptr = int(ob.searchsorted(i1, side="left"))
+    idx = np.arange(lo_ptr, hi_ptr)
+    t0 = ob[idx].astype(np.int64)
+    cb = np.minimum(t0 + population.hold_bars[idx].astype(np.int64), i1)
+    H = cb - t0
+    side = population.side[idx].astype(np.float64)
+    notional = population.notional[idx].astype(np.float64)
+    en = c_[t0]
+    q = notional / en
+    a = 1.0 / population.leverage_draw[idx].astype(np.float64)
+    topping = (cfg.topups and pc.topup_max > 0 and pc.topup_prob > 0) & (population.topup_u[idx] < pc.topup_prob)
+    exposure = float(np.dot(notional, H.astype(np.float64)))
+    # flattened bars held: position k, bars t0+1 .. cb
+    seg = np.repeat(np.arange(idx.size), H)
+    starts = np.r_[0, np.cumsum(H)[:-1]]
+    tt = t0[seg] + 1 + (np.arange(seg.size) - starts[seg])
+    sd = side[seg]
+    P = sd * q[seg] * (F[tt] - F[t0[seg]])  # funding paid by bar t
+    need = np.where(sd > 0, q[seg] * (en[seg] - l_[tt]), q[seg] * (h_[tt] - en[seg]))
+    M = need + P
+    P_sum = np.bincount(seg, weights=P, minlength=idx.size)
+    P_first = P[starts] if seg.size else np.zeros(0)
+    M_first = M[starts] if seg.size else np.zeros(0)
+    r = np.maximum.reduceat(M, starts) if seg.size else np.zeros(0)
+    RM = pd.Series(M).groupby(seg).cummax().to_numpy() if seg.size else np.zeros(0)
+    # candidates per cohort: IM just above each position's survival threshold (rate of notional), and 0+
+    thr = np.where(topping, M_first, r) / notional
+    cohort = t0
+    uniq, cohort_id = np.unique(cohort, return_inverse=True)
+    eps = 1e-12
+    c_cohort = [np.arange(uniq.size)]
+    c_im = [np.full(uniq.size, eps)]
+    ok = (thr > a) & (thr * (1 + 1e-12) < 1.0)
+    c_cohort.append(cohort_id[ok])
+    c_im.append(np.minimum(thr[ok] * (1 + 1e-12) + 1e-15, 1.0))
+    cand_cohort = np.concatenate(c_cohort)
+    cand_im = np.concatenate(c_im)
+    o = np.lexsort((cand_im, cand_cohort))
+    cand_cohort, cand_im = cand_cohort[o], cand_im[o]
+    # pairs: every candidate of a cohort with every position of that cohort
+    pos_by_cohort = np.argsort(cohort_id, kind="stable")
+    cnt = np.bincount(cohort_id, minlength=uniq.size)
+    first_pos = np.r_[0, np.cumsum(cnt)[:-1]]
+    n_per_cand = cnt[cand_cohort]
+    pair_cand = np.repeat(np.arange(cand_im.size), n_per_cand)
+    pstart = np.r_[0, np.cumsum(n_per_cand)[:-1]]
+    within = np.arange(pair_cand.size) - pstart[pair_cand]
+    pair_pos = pos_by_cohort[first_pos[cand_cohort[pair_cand]] + within]
+    w0 = notional[pair_pos] * np.maximum(a[pair_pos], cand_im[pair_cand])
+    surv_ok = np.where(topping[pair_pos], w0 > M_first[pair_pos], w0 > r[pair_pos])
+    surv_coll = H[pair_pos] * w0 - P_sum[pair_pos]
+    # a trader who tops up: the least margin path Σ_t max(w0, running max of M) - Σ P
+    tp = np.flatnonzero(topping[pair_pos])
+    if tp.size:
+        for k in np.unique(pair_pos[tp]):
+            sel = tp[pair_pos[tp] == k]
+            rm = RM[starts[k]:starts[k] + H[k]]
+            csum = np.r_[0.0, np.cumsum(rm)]
+            j = np.searchsorted(rm, w0[sel], side="left")  # bars whose running max is below w0
+            surv_coll[sel] = w0[sel] * j + (csum[-1] - csum[j]) - P_sum[k]
+    liq_coll = w0 - P_first[pair_pos]
+    return ClairvoyantBound(pair_cand=pair_cand, surv_ok=surv_ok, surv_coll=surv_coll, liq_coll=liq_coll,
+                            cand_cohort=cand_cohort, cand_im=cand_im, exposure=exposure, n_positions=int(idx.size))

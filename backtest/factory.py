@@ -1,25 +1,25 @@
-"""Build any margin policy by name: the deployable mappings of :mod:`margin` and the bound of this stage.
+"""Build any margin policy by name (the mappings of :mod:`margin.policies` and :mod:`margin.predictive`).
 
-The factory lives here, not in :mod:`margin.policies`, because the ``bound`` (a perfect-foresight cohort
-optimizer) needs the simulation; ``margin`` never imports ``backtest``.
+The factory lives in the backtest stage, where the job layer and the stress stage build policies from
+config names; ``margin`` keeps the policies themselves and never imports ``backtest``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from backtest.bound import BoundPolicy
 from margin.policies import EwmaCcpPolicy, GarchFhsPolicy, OracleVolPolicy, StaticPolicy
 from margin.predictive import PredictivePolicy
 
 __all__ = ["make_policy", "POLICY_NAMES"]
 
-POLICY_NAMES: tuple[str, ...] = ("static_<im>", "ewma_ccp", "garch_fhs", "predictive", "oracle_vol", "bound")
+POLICY_NAMES: tuple[str, ...] = ("static_<im>", "ewma_ccp", "garch_fhs", "predictive", "oracle_vol")
 
 
 def make_policy(name: str, **cfg: Any) -> Any:
-    """Build a policy by name: ``static_<im>``, ``ewma_ccp``, ``garch_fhs``, ``predictive``, ``oracle_vol``,
-    ``bound`` (needs ``population``; ``bound_liquidations`` / ``bound_bad_debt`` set the objective).
+    """Build a policy by name: ``static_<im>`` (or ``static`` with ``im=``, and ``mm=`` or ``mm_fraction=``),
+    ``ewma_ccp``, ``garch_fhs``, ``predictive``, ``oracle_vol``. The bound is not a policy (it has no path that
+    one market could publish): see :mod:`backtest.bound`.
 
     Raises
     ------
@@ -45,14 +45,6 @@ def make_policy(name: str, **cfg: Any) -> Any:
             return PredictivePolicy(**cfg)
         if name == "oracle_vol":
             return OracleVolPolicy(**cfg)
-        if name in ("bound", "bound_liquidations", "bound_bad_debt"):
-            if name != "bound":
-                cfg = {**cfg, "objective": name[len("bound_"):]}
-            if "population" not in cfg:
-                raise ValueError("policy 'bound' needs population= (it optimizes per cohort of positions)")
-            if "grid" in cfg:
-                cfg["grid"] = tuple(cfg["grid"])
-            return BoundPolicy(**cfg)
     except TypeError as exc:
         raise ValueError(f"bad config for policy {name!r}: {exc}") from None
     raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")

@@ -35,6 +35,10 @@ def fit_predictive(
     rounds: int = 2,
     refine: bool = True,
     target_avg_im: float | None = None,
+    target_avg_collateral: float | None = None,
+    bad_debt_allowance: float = 0.0,
+    bad_debt_weight: float = 1.0,
+    start_from: Mapping[str, Any] | None = None,
     max_im_increase_5d: float | None = None,
     start: Any = None,
 ) -> PredictivePolicy:
@@ -55,6 +59,13 @@ def fit_predictive(
     that within 5 days anywhere in the fit window is infeasible (a procyclicality constraint set before the
     cut, e.g. at the EWMA-CCP policy's own pre-cut increase). Returns the fitted policy; ``policy.fitted``
     records the weights, the best objective and its parts, the number of evaluations and the search path.
+
+    Budget mode (``target_avg_collateral``, a fraction of exposure as ``BacktestResult.avg_collateral``): the
+    level is solved for every candidate shape so that the run before the cut locks that collateral (bracket
+    and secant steps with the simulation, to within 0.2 points), and the objective becomes the headline's:
+    ``liquidations + bad_debt_weight × max(0, bad_debt - bad_debt_allowance)`` (bad debt in USD, so the default
+    weight prices one USD of bad debt above the allowance like one liquidation). ``start_from``: the shape
+    the search starts at (e.g. the fit at a neighbouring budget).
     """
     if ctx.cut is None:
         raise ValueError("fit_predictive needs ctx.cut (parameters are fitted on origins before it)")
@@ -90,6 +101,7 @@ def fit_predictive(
         "mm_binds": ("path", "entry"),
         "mm_k": (0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0),
         "mm_floor": (0.0, 0.02, 0.03, 0.05, 0.08),
+        "mm_fraction": (None,),
     }
     if grid:
         g.update({k_: tuple(v) for k_, v in grid.items()})
@@ -98,7 +110,21 @@ def fit_predictive(
     end = ctx.bars.index[k] if k < len(ctx.bars) else None
     cache: dict[tuple[float, ...], dict[str, float]] = {}
     names: tuple[str, ...] = ("level", "power", "stress", "omega", "floor", "release", "mm_binds", "mm_k",
-                              "mm_floor")
+                              "mm_floor", "mm_fraction")
+    if target_avg_im is not None and target_avg_collateral is not None:
+        raise ValueError("give target_avg_im or target_avg_collateral, not both")
+    if target_avg_collateral is not None:
+        if not 0.0 < target_avg_collateral <= 1.0:
+            raise ValueError(f"target_avg_collateral must be in (0, 1], got {target_avg_collateral!r}")
+        names = names[1:]
+        g["level"] = (0.10,)
+        if not grid:  # a leaner default search: every candidate costs a level solve (2-4 simulations)
+            g.update({"power": (0.0, 0.5, 1.0), "stress": (0.0, 0.5, 1.0), "omega": (0.0, 0.5, 1.0),
+                      "release": (1.0, 0.05), "mm_binds": ("path",), "mm_k": (0.0, 0.5, 1.5, 3.0),
+                      "mm_floor": (0.0, 0.035, 0.05, 0.08), "mm_fraction": (None, 0.25, 0.5)})
+            if not np.any(feats["stress"] > 0):
+                g["stress"] = (0.0,)
+        g["floor"] = tuple(f for f in g["floor"] if f <= target_avg_collateral) or (ctx.controls.floor,)
     if target_avg_im is not None:
         if not 0.0 < target_avg_im <= 1.0:
             raise ValueError(f"target_avg_im must be in (0, 1], got {target_avg_im!r}")
@@ -118,15 +144,58 @@ def fit_predictive(
             path = PredictivePolicy(**{**p, "level": lv}, sigma_ref=ref).path(ctx)
         return lv, path
 
+    level_memo: list[float] = []
+
+    def solve_collateral(p: dict[str, Any]) -> tuple[float, Any]:
+        """Level whose pre-cut run locks ``target_avg_collateral`` (collateral grows with the level)."""
+        tgt = float(target_avg_collateral)  # type: ignore[arg-type]
+
+        def run_at(lv: float) -> Any:
+            return run_backtest(ctx.bars, PredictivePolicy(**{**p, "level": lv}, sigma_ref=ref).path(ctx), pop, cfg,
+                                start=start, end=end)
+
+        lv = level_memo[-1] if level_memo else tgt
+        res = run_at(lv)
+        lo = hi = None
+        for _ in range(12):
+            c = res.avg_collateral
+            if abs(c - tgt) <= 2e-3:
+                break
+            if c < tgt:
+                lo = (lv, c, res)
+            else:
+                hi = (lv, c, res)
+            if lo is not None and hi is not None:
+                w = (tgt - lo[1]) / (hi[1] - lo[1])
+                nxt = lo[0] + min(max(w, 0.1), 0.9) * (hi[0] - lo[0])
+            else:
+                nxt = lv * (tgt / max(c, 1e-6)) ** 1.5
+            nxt = min(max(nxt, 1e-3), 5.0)
+            if nxt == lv:
+                break
+            lv = nxt
+            res = run_at(lv)
+        level_memo.append(lv)
+        return lv, res
+
     def evaluate(p: dict[str, Any]) -> dict[str, float]:
         key = tuple(p[n] for n in names)
         if key not in cache:
-            if target_avg_im is None:
-                lv, path = p["level"], PredictivePolicy(**p, sigma_ref=ref).path(ctx)
+            if target_avg_collateral is not None:
+                lv, res = solve_collateral(p)
             else:
-                lv, path = solve_level(p)
-            res = run_backtest(ctx.bars, path, pop, cfg, start=start, end=end)
-            obj = scale * (res.bad_debt + alpha * res.liquidations + beta * res.collateral_locked)
+                if target_avg_im is None:
+                    lv, path = p["level"], PredictivePolicy(**p, sigma_ref=ref).path(ctx)
+                else:
+                    lv, path = solve_level(p)
+                res = run_backtest(ctx.bars, path, pop, cfg, start=start, end=end)
+            if target_avg_collateral is not None:
+                excess = max(0.0, scale * res.bad_debt - bad_debt_allowance)
+                obj = scale * res.liquidations + bad_debt_weight * excess
+                if abs(res.avg_collateral - target_avg_collateral) > 5e-3:
+                    obj = math.inf  # the level cannot bring this shape to the budget
+            else:
+                obj = scale * (res.bad_debt + alpha * res.liquidations + beta * res.collateral_locked)
             if max_im_increase_5d is not None and res.max_im_increase_5d > max_im_increase_5d * (1 + 1e-9):
                 obj = math.inf  # breaks the procyclicality constraint
             cache[key] = {"objective": obj, "level": lv, "bad_debt": scale * res.bad_debt,
@@ -141,7 +210,9 @@ def fit_predictive(
         return r["objective"] < b["objective"] - 1e-9 * max(1.0, abs(b["objective"]))
 
     cur = {"level": 0.10, "power": 0.5, "stress": 0.0, "omega": 0.5, "floor": ctx.controls.floor, "release": 1.0,
-           "mm_binds": "path", "mm_k": 0.0, "mm_floor": 0.0}
+           "mm_binds": "path", "mm_k": 0.0, "mm_floor": 0.0, "mm_fraction": None}
+    if start_from:
+        cur.update({k: v for k, v in start_from.items() if k in cur})
     for n in names:
         if cur[n] not in g[n]:
             cur[n] = g[n][len(g[n]) // 2]
@@ -172,8 +243,12 @@ def fit_predictive(
                     trace.append({**cur, **best})
     cur = {**cur, "level": float(best["level"])}
     if not math.isfinite(best["objective"]):
+        if target_avg_collateral is not None:
+            raise ValueError(f"no candidate on the grid locks avg collateral {target_avg_collateral!r} before the cut"
+                             f" (within 0.5 points) while meeting max_im_increase_5d={max_im_increase_5d!r}")
         raise ValueError(f"max_im_increase_5d={max_im_increase_5d!r}: no candidate on the grid meets it before the cut")
     fitted = {"alpha": alpha, "beta": beta, "target_avg_im": target_avg_im, "max_im_increase_5d": max_im_increase_5d,
+              "target_avg_collateral": target_avg_collateral, "bad_debt_allowance": bad_debt_allowance,
               "objective": best, "evaluations": len(cache), "trace": trace,
               "n_positions_fit": len(pop), "fit_end": str(end), "sigma_ref": ref}
     log.info("predictive fitted: %s objective %.4g (%d evaluations)", cur, best["objective"], len(cache))

@@ -23,7 +23,7 @@ __all__ = [
     "PopulationSettings",
     "LiquidationSection",
     "BacktestSettings",
-    "PredictiveObjective",
+    "StaticPairsConfig",
     "PoliciesConfig",
     "replace_path",
 ]
@@ -126,33 +126,38 @@ class BacktestSettings(_Strict):
         return bc
 
 
-class PredictiveObjective(_Strict):
-    """Objective of the predictive fit: ``bad_debt + alpha * liquidations + beta * collateral_locked``.
+class StaticPairsConfig(_Strict):
+    """The static (IM, MM) family (:class:`backtest.budgets.StaticEnvelope`).
 
     Parameters
     ----------
-    alpha : float, optional
-        Cost of one liquidation in quote currency (default in :func:`backtest.fit.fit_predictive`: 1% of
-        the population's median notional).
-    beta : float, optional
-        Cost of one unit of collateral locked for one bar (quote currency per quote-currency·bar).
-    capital_cost_annual : float, optional
-        Alternative to ``beta``: annual cost of capital as a fraction (default 0.10), converted per bar.
+    im : list of float
+        IM levels run for every MM rule first; they bracket each collateral level before the bisection.
+    mm_fractions : list of float
+        MM rules ``MM = f × IM``.
+    mm_fixed : list of float
+        MM rules ``MM = m`` (a pair exists only where ``m <= IM``).
     """
 
-    alpha: float | None = Field(default=None, ge=0)
-    beta: float | None = Field(default=None, ge=0)
-    capital_cost_annual: float | None = Field(default=None, ge=0)
+    im: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.08, 0.12, 0.18, 0.25, 0.35, 0.5, 0.7], min_length=2)
+    mm_fractions: list[float] = Field(default_factory=lambda: [0.25, 0.5])
+    mm_fixed: list[float] = Field(default_factory=lambda: [0.02, 0.035, 0.05, 0.08])
+
+    @field_validator("im", "mm_fractions", "mm_fixed")
+    @classmethod
+    def _rates(cls, v: list[float]) -> list[float]:
+        for x in v:
+            if not 0 < x <= 1:
+                raise ValueError(f"a rate must be in (0, 1], got {x}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"values must be unique, got {v}")
+        return sorted(v)
 
     @model_validator(mode="after")
-    def _one_cost(self) -> PredictiveObjective:
-        if self.beta is not None and self.capital_cost_annual is not None:
-            raise ValueError("give either objective.beta or objective.capital_cost_annual, not both")
+    def _some_rule(self) -> StaticPairsConfig:
+        if not self.mm_fractions and not self.mm_fixed:
+            raise ValueError("static_pairs needs at least one MM rule (mm_fractions or mm_fixed)")
         return self
-
-    def weights(self) -> dict[str, float]:
-        """The weights that are set (``fit_predictive`` fills in the rest)."""
-        return {k: float(v) for k, v in self.given().items()}
 
 
 class PoliciesConfig(_Strict):
@@ -160,45 +165,20 @@ class PoliciesConfig(_Strict):
 
     Parameters
     ----------
-    static_levels : list of float
-        IM rates of the ``static_<im>`` policies; also the bound's IM grid unless ``bound.grid`` is set.
-    ewma_ccp, garch_fhs, oracle_vol, bound : dict
+    static_pairs : StaticPairsConfig
+        The static (IM, MM) family whose best pair at each collateral level is the baseline.
+    ewma_ccp, garch_fhs, oracle_vol : dict
         Keyword settings of each policy (e.g. ``ewma_ccp: {apc: buffer}``; ``garch_fhs:
-        {confidence: 0.99, horizon: 2}``); checked against ``make_policy`` when the job starts.
+        {confidence: 0.99, horizon: 2}``); checked against ``make_policy`` when the job starts. ``ewma_ccp``
+        and ``garch_fhs`` are scaled to each budget before the cut.
     predictive : dict
-        Keyword settings of ``fit_predictive`` besides the objective weights.
-    objective : PredictiveObjective
-        Weights ``alpha`` and ``beta`` of the predictive objective.
-    frontier_scales : list of float
-        Multipliers applied to each adaptive family's margin to trace its frontier.
+        Keyword settings of :func:`backtest.fit.fit_predictive` in budget mode (``rounds``, ``max_positions``,
+        ``grid``, ``bad_debt_weight``, ``max_im_increase_5d`` (a fraction or ``ewma_ccp``: that policy's
+        largest 5-day IM increase before the cut at the same budget)).
     """
 
-    static_levels: list[float] = Field(
-        default_factory=lambda: [0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20, 0.25, 0.33, 0.50],
-        min_length=2,
-    )
+    static_pairs: StaticPairsConfig = Field(default_factory=StaticPairsConfig)
     ewma_ccp: dict[str, Any] = Field(default_factory=dict)
     garch_fhs: dict[str, Any] = Field(default_factory=dict)
     predictive: dict[str, Any] = Field(default_factory=dict)
-    objective: PredictiveObjective = Field(default_factory=PredictiveObjective)
     oracle_vol: dict[str, Any] = Field(default_factory=dict)
-    bound: dict[str, Any] = Field(default_factory=dict)
-    frontier_scales: list[float] = Field(default_factory=lambda: [0.6, 0.8, 1.0, 1.25, 1.6])
-
-    @field_validator("static_levels")
-    @classmethod
-    def _levels(cls, v: list[float]) -> list[float]:
-        for lv in v:
-            if not 0 < lv <= 1:
-                raise ValueError(f"static level (IM rate) must be in (0, 1], got {lv}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"static_levels must be unique, got {v}")
-        return sorted(v)
-
-    @field_validator("frontier_scales")
-    @classmethod
-    def _scales(cls, v: list[float]) -> list[float]:
-        for s in v:
-            if not s > 0:
-                raise ValueError(f"frontier scale must be > 0, got {s}")
-        return sorted(set(v))

@@ -49,7 +49,8 @@ from margin.path import MarginPath
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BacktestConfig", "BacktestResult", "run_backtest", "reference_backtest", "ohlcv_arrays", "max_increase", "bars_per_day"]
+__all__ = ["BacktestConfig", "BacktestResult", "run_backtest", "reference_backtest", "ohlcv_arrays", "max_increase", "bars_per_day",
+           "window_bounds"]
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ def ohlcv_arrays(bars: pd.DataFrame) -> dict[str, np.ndarray]:
     return out
 
 
-def _window(times: pd.DatetimeIndex, start: Any, end: Any) -> tuple[int, int]:
+def window_bounds(times: pd.DatetimeIndex, start: Any, end: Any) -> tuple[int, int]:
     def ts(x: Any) -> pd.Timestamp:
         t = pd.Timestamp(x)
         return t.tz_localize("UTC") if t.tz is None and times.tz is not None else t
@@ -322,7 +323,7 @@ def run_backtest(
     cfg = cfg or BacktestConfig()
     px = _check_inputs(bars, path, population)
     times = pd.DatetimeIndex(bars.index)
-    i0, i1 = _window(times, start, end)
+    i0, i1 = window_bounds(times, start, end)
     settings = cfg.settings
     pc = population.cfg
     o_, h_, l_, c_ = px["open"], px["high"], px["low"], px["close"]
@@ -644,7 +645,7 @@ def reference_backtest(
     cfg = cfg or BacktestConfig()
     px = _check_inputs(bars, path, population)
     times = pd.DatetimeIndex(bars.index)
-    i0, i1 = _window(times, start, end)
+    i0, i1 = window_bounds(times, start, end)
     st = cfg.settings
     pc = population.cfg
     o_, h_, l_, c_ = (px[k].tolist() for k in ("open", "high", "low", "close"))

@@ -9,8 +9,8 @@ live in the ``backtest`` stage.
 =================  ==========================================================================================
 name               rule
 =================  ==========================================================================================
-``static_<im>``    fixed IM (e.g. ``static_0.10``), MM = ``mm_fraction × IM``; no floor/ceiling (the static
-                   levels trace the frontier on the bound's grid)
+``static_<im>``    an (IM, MM) pair: fixed IM (e.g. ``static_0.10``), MM a fixed rate or ``mm_fraction × IM``;
+                   no floor/ceiling (the pairs trace the static frontier at each capital budget)
 ``ewma_ccp``       EWMA (RiskMetrics) variance of the bars' returns → normal VaR at ``confidence`` over
                    ``horizon`` bars, with ONE anti-procyclicality tool (EMIR art. 28): ``floor`` (VaR of the
                    ``lookback``-bar (10y) or full-history volatility), ``buffer`` (25 % buffer, released when
@@ -202,24 +202,44 @@ def slow_release(raw: np.ndarray, release: float) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- policies
 @dataclass(frozen=True)
 class StaticPolicy:
-    """Fixed IM; MM = ``mm_fraction × IM`` (``mm_fraction`` from the context's controls unless given)."""
+    """Fixed IM and MM: an (IM, MM) pair.
+
+    MM is ``mm`` (a fixed rate, at most ``im``) when given, else ``mm_fraction × IM`` (``mm_fraction`` from the
+    context's controls unless given). Constant rates: the MM binding on open positions is the one they opened
+    with, so the path's ``mm_binds`` does not matter.
+    """
 
     im: float
     mm_fraction: float | None = None
+    mm: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.im <= 1.0:
             raise ValueError(f"static im must be in (0, 1], got {self.im!r}")
+        if self.mm is not None:
+            if self.mm_fraction is not None:
+                raise ValueError("static policy: give mm (a rate) or mm_fraction (of IM), not both")
+            if not 0.0 < self.mm <= self.im:
+                raise ValueError(f"static mm must be in (0, im={self.im!r}], got {self.mm!r}")
+        if self.mm_fraction is not None and not 0.0 < self.mm_fraction <= 1.0:
+            raise ValueError(f"static mm_fraction must be in (0, 1], got {self.mm_fraction!r}")
 
     @property
     def name(self) -> str:
-        return f"static_{self.im:.2f}" if round(self.im, 2) == self.im else f"static_{self.im:g}"
+        base = f"static_{self.im:.2f}" if round(self.im, 2) == self.im else f"static_{self.im:g}"
+        if self.mm is not None:
+            return f"{base}_mm{self.mm:g}"
+        return base if self.mm_fraction is None else f"{base}_mmx{self.mm_fraction:g}"
 
     def path(self, ctx: PolicyContext) -> MarginPath:
         n = len(ctx.bars)
-        frac = ctx.controls.mm_fraction if self.mm_fraction is None else self.mm_fraction
-        return MarginPath(times=ctx.times, im_rate=np.full(n, self.im), mm_rate=np.full(n, frac * self.im),
-                          policy=self.name, meta={"im": self.im, "mm_fraction": frac})
+        if self.mm is not None:
+            mm, meta = self.mm, {"im": self.im, "mm": self.mm}
+        else:
+            frac = ctx.controls.mm_fraction if self.mm_fraction is None else self.mm_fraction
+            mm, meta = frac * self.im, {"im": self.im, "mm_fraction": frac}
+        return MarginPath(times=ctx.times, im_rate=np.full(n, self.im), mm_rate=np.full(n, mm),
+                          policy=self.name, meta=meta)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,8 @@ class PredictivePolicy:
     it then gets the controls (change cap, notice, floor ``mm_fraction × floor``) and never exceeds IM.
     ``mm_floor`` (with ``mm_k > 0``): a floor on that MM, so that a calm forecast does not leave open
     positions with almost no buffer when a jump starts from calm (0: the controls' floor only).
+    ``mm_fraction`` (with ``mm_k = 0``): MM as this fraction of IM instead of the controls' ``mm_fraction``
+    (the same MM control the static pairs have).
     """
 
     level: float = 0.10
@@ -64,16 +66,19 @@ class PredictivePolicy:
     mm_binds: Literal["path", "entry"] = "path"
     mm_k: float = 0.0
     mm_floor: float = 0.0
+    mm_fraction: float | None = None
     sigma_ref: float | None = None
     name: str = "predictive"
     fitted: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def params(self) -> dict[str, float]:
-        """Numeric parameters (``mm_at_entry``: 1.0 when MM is fixed at entry, 0.0 when it follows the path)."""
+        """Numeric parameters (``mm_at_entry``: 1.0 when MM is fixed at entry, 0.0 when it follows the path;
+        ``mm_fraction`` 0.0: the controls' fraction)."""
         return {"level": self.level, "power": self.power, "stress": self.stress, "omega": self.omega,
                 "floor": self.floor, "quantile_weight": self.quantile_weight, "release": self.release,
                 "mm_at_entry": 1.0 if self.mm_binds == "entry" else 0.0, "mm_k": self.mm_k,
                 "mm_floor": self.mm_floor,
+                "mm_fraction": 0.0 if self.mm_fraction is None else self.mm_fraction,
                 "sigma_ref": float("nan") if self.sigma_ref is None else self.sigma_ref}
 
     @staticmethod
@@ -119,6 +124,10 @@ class PredictivePolicy:
         raw_mm = None
         if self.mm_k > 0:
             raw_mm = np.clip(var_to_im(feats["s1"], self.mm_k), self.mm_floor, 1.0)
+        elif self.mm_fraction is not None:
+            if not 0.0 < self.mm_fraction <= 1.0:
+                raise ValueError(f"predictive mm_fraction must be in (0, 1], got {self.mm_fraction!r}")
+            raw_mm = self.mm_fraction * np.clip(raw, ctx.controls.floor, ctx.controls.ceiling)
         meta = {**self.params(), "mm_binds": self.mm_binds, "sigma_ref": ref,
                 **({"fit": self.fitted} if self.fitted else {})}
         if self.mm_binds == "entry":

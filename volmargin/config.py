@@ -19,13 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from backtest.settings import (
-    BacktestSettings,
-    LiquidationSection,
-    PoliciesConfig,
-    PopulationSettings,
-    PredictiveObjective,
-)
+from backtest.settings import BacktestSettings, LiquidationSection, PoliciesConfig, PopulationSettings
 from margin.settings import ControlsConfig
 from training.config import (
     DEFAULT_CUTS,
@@ -47,7 +41,6 @@ __all__ = [
     "RunConfig",
     "ControlsConfig",
     "PoliciesConfig",
-    "PredictiveObjective",
     "PopulationSettings",
     "BacktestSettings",
     "CONFIG_KINDS",
@@ -207,6 +200,11 @@ class RunConfig(StrictModel):
     cuts : dict, optional
         Cut date per dataset id; default :data:`DEFAULT_CUTS` (2018-01-01 for the daily sets,
         2021-11-15 for ``bundled:tsd/BTC-15m``). Policies are fitted before it and scored after it.
+    budgets : list of float
+        Capital budgets: average collateral as a fraction of exposure (``avg_collateral`` of the backtest);
+        every comparison is made at each (default 0.125, 0.15, 0.20, 0.25, 0.30).
+    bad_debt_tolerance : float
+        Bad debt (USD) a static pair may leave and still qualify as the best at a budget (default 0).
     training : RunTrainingConfig
         Walk-forward training of the forecasters (the champion at the cut drives the margin policies).
     regime : RegimeConfig
@@ -236,6 +234,8 @@ class RunConfig(StrictModel):
     regime: RegimeConfig = Field(default_factory=RegimeConfig)
     policies: PoliciesConfig = Field(default_factory=PoliciesConfig)
     controls: ControlsConfig = Field(default_factory=ControlsConfig)
+    budgets: list[float] = Field(default_factory=lambda: [0.125, 0.15, 0.20, 0.25, 0.30], min_length=1)
+    bad_debt_tolerance: float = Field(default=0.0, ge=0)
     population: PopulationSettings = Field(default_factory=PopulationSettings)
     backtest: BacktestSettings = Field(default_factory=BacktestSettings)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
@@ -250,6 +250,16 @@ class RunConfig(StrictModel):
         if len(set(v)) != len(v):
             raise ValueError(f"datasets must be unique, got {v}")
         return v
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[float]) -> list[float]:
+        for b in v:
+            if not 0 < b <= 1:
+                raise ValueError(f"a budget (average collateral / exposure) must be in (0, 1], got {b}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"budgets must be unique, got {v}")
+        return sorted(v)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -1,34 +1,41 @@
 """The end-to-end job behind ``volmargin run`` and ``volmargin backtest``.
 
-``volmargin run``: bundled data → walk-forward forecasts (the training job, logged to MLflow) → the
-champion pinned at each dataset's cut (``training.registry.pinned_champion``, never the live alias) →
-regime probabilities (regime model fitted before the cut, filtered after it) → policies (``predictive``
-fitted on pre-cut origins only) → backtests on the held-out (post-cut) bars of each asset → frontier
-sweeps → coverage tests on margin breaches (Kupiec, Christoffersen; Basel traffic light for the VaR-based
+``volmargin run``: data → walk-forward forecasts (the training job, logged to MLflow) → the champion pinned
+at each dataset's cut (``training.registry.pinned_champion``, never the live alias) → regime probabilities
+(regime model fitted before the cut, filtered after it) → the headline at each capital budget
+(:mod:`backtest.headline`: best static (IM, MM) pair, the clairvoyant bound, ``ewma_ccp`` and ``garch_fhs``
+scaled before the cut, the predictive policy fitted before the cut, the forecast ablation) on the held-out
+bars → coverage tests on margin breaches (Kupiec, Christoffersen; Basel traffic light for the VaR-based
 policies) → sensitivity table → HTML report → MLflow (one parent run: metrics, config, report and summary
 as artifacts; only this driver process writes to MLflow) → ``<out>/summary.json``.
 
 ``volmargin backtest`` skips training: it reads saved walk-forward tables (``forecasts_dir``), else the
 pinned champions' tables, else recomputes the EWMA baseline, and writes the same files.
 
-``summary.json`` (issue 6, item 7)::
+``summary.json``::
 
-    {"assets": {"<ASSET>": {"policies": {"<policy>": {"liquidations", "bad_debt", "avg_collateral",
-                                                      "traffic_light", "max_im_increase_5d"}},
-                            "comparison": {"<policy>_vs_best_static": {"liquidations_change",
-                                 "bad_debt_change", "share_of_bound_liquidations", "share_of_bound_bad_debt"}}}},
-     "comparison": {"predictive_vs_best_static": {"liquidations_change", "bad_debt_change", "n_assets"},
-                    "bound_vs_best_static": {...}},
+    {"assets": {"<ASSET>": {
+        "budgets": {"<b>": {"best_static": {"im", "mm", "liquidations", "bad_debt", "avg_collateral", ...},
+                            "bound": {"liquidations", "bad_debt"},
+                            "predictive" | "ewma_ccp" | "garch_fhs": {"liquidations", "bad_debt",
+                                "avg_collateral", "share_of_bound", "max_im_increase_5d", ...},
+                            "checks": {...}}},
+        "ablation": {"<b>": {"forecast" | "constant_variance" | "realised_variance":
+                                 {"liquidations", "bad_debt", "avg_collateral"}}},
+        "policies": {"ewma_ccp" | "garch_fhs" | "oracle_vol": {... as configured, normal setting,
+                                                               "traffic_light"}},
+        "predictive_params": {"<b>": {...}}}},
+     "headline": {"share_of_bound_min", "share_of_bound_mean", "budgets_met", "budgets_total", ...},
      "mlflow_run_id": "...", "cut": {"<ASSET>": "YYYY-MM-DD"}, "config_hash": "<sha256>"}
 
-The bound runs twice (objective liquidations, objective bad debt): its two results are the policies
-``bound_liquidations`` and ``bound_bad_debt``; ``bound_vs_best_static`` takes its liquidation change from
-the first and its bad-debt change from the second. Pooled changes are means of the non-null per-asset
-values; ``n_assets`` counts the assets with at least one non-null value.
+``<b>`` is the budget as written in the config (``"0.2"``). Budget comparisons are scored in the frozen
+setting (volume slippage off); ``policies`` in the normal setting. ``share_of_bound_min``/``mean`` are over
+the (asset, budget) pairs where the predictive policy's share is defined (``shares_undefined`` counts the
+others: more bad debt than the best static); ``budgets_met`` counts the pairs where every check passes.
 
 Modules: :mod:`volmargin.run_inputs` (data, training, pinned champion, regime probabilities),
-:mod:`volmargin.run_assets` (one asset's policies, backtests, frontiers, coverage, sensitivity; run in
-parallel through ``volmargin.executor``), this module (summary, report data, MLflow, files).
+:mod:`volmargin.run_assets` (one asset's headline, coverage, sensitivity; run in parallel through
+``volmargin.executor``), this module (summary, report data, MLflow, files).
 """
 
 from __future__ import annotations
@@ -50,8 +57,6 @@ from training.tracking import atomic_write_text, resolve_tracking_uri
 from volmargin.config import RunConfig
 from volmargin.report import finite_or_none
 from volmargin.run_assets import (
-    ADAPTIVE,
-    BOUND_OBJECTIVES,
     VAR_POLICIES,
     AssetOutcome,
     _crash_days,
@@ -62,14 +67,11 @@ from volmargin.run_assets import (
     evaluate_asset,
     evaluate_assets,
     horizon_breaches,
-    scaled_path,
     static_name,
 )
 from volmargin.run_inputs import AssetInputs, forecast_from_table, load_assets
 
 __all__ = [
-    "ADAPTIVE",
-    "BOUND_OBJECTIVES",
     "VAR_POLICIES",
     "AssetInputs",
     "AssetOutcome",
@@ -86,7 +88,6 @@ __all__ = [
     "horizon_breaches",
     "load_assets",
     "run_job",
-    "scaled_path",
     "static_name",
 ]
 
@@ -119,33 +120,57 @@ def _policy_entry(res: Any, coverage: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _pooled(per_asset: list[Mapping[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    used = 0
-    for metric in ("liquidations_change", "bad_debt_change"):
-        vals = [v[metric] for v in per_asset if v.get(metric) is not None]
-        out[metric] = float(np.mean(vals)) if vals else None
-    used = sum(1 for v in per_asset if v.get("liquidations_change") is not None or v.get("bad_debt_change") is not None)
-    out["n_assets"] = used
+POLICY_KEYS = ("liquidations", "bad_debt", "avg_collateral", "share_of_bound", "max_im_increase_5d")
+
+
+def _budget_entry(e: Mapping[str, Any], tolerance: float) -> dict[str, Any]:
+    from backtest.headline import RIVALS, headline_checks
+
+    out: dict[str, Any] = {"best_static": e.get("best_static"), "bound": e.get("bound"),
+                           "static_pairs": e.get("static_pairs", [])}
+    for name in ("predictive", *RIVALS):
+        if name in e:
+            v = dict(e[name])
+            out[name] = {**{k: v.get(k) for k in POLICY_KEYS}, **{k: v[k] for k in v if k not in POLICY_KEYS}}
+    out["checks"] = headline_checks(e, tolerance)
     return out
 
 
-def build_summary(outcomes: Mapping[str, AssetOutcome], *, run_id: str | None, cfg_hash: str) -> dict[str, Any]:
-    """``summary.json`` (issue 6 item 7) from the per-asset outcomes; see the module docstring."""
+def headline_numbers(assets: Mapping[str, Any]) -> dict[str, Any]:
+    """``summary.headline`` from the per-asset budget entries (see the module docstring)."""
+    shares: list[float] = []
+    undefined = met = total = 0
+    for a in assets.values():
+        for e in a["budgets"].values():
+            total += 1
+            sh = finite_or_none((e.get("predictive") or {}).get("share_of_bound"))
+            if sh is None:
+                undefined += 1
+            else:
+                shares.append(sh)
+            met += int(bool(e.get("checks", {}).get("met")))
+    return {"share_of_bound_min": min(shares) if shares else None,
+            "share_of_bound_mean": float(np.mean(shares)) if shares else None,
+            "budgets_met": met, "budgets_total": total, "shares_undefined": undefined}
+
+
+def build_summary(outcomes: Mapping[str, AssetOutcome], *, run_id: str | None, cfg_hash: str,
+                  tolerance: float = 0.0) -> dict[str, Any]:
+    """``summary.json`` from the per-asset outcomes; see the module docstring."""
     assets: dict[str, Any] = {}
     cuts: dict[str, str] = {}
     for out in outcomes.values():
         a = out.inputs.asset
         cuts[a] = str(out.inputs.cut.date())
+        h = out.headline
         assets[a] = {
+            "budgets": {b: _budget_entry(e, tolerance) for b, e in h.budgets.items()},
+            "ablation": h.ablation,
             "policies": {name: _policy_entry(res, out.coverage.get(name, {})) for name, res in out.results.items()},
-            "comparison": {k: dict(v) for k, v in out.comparison.items()},
+            "predictive_params": h.fitted,
         }
-    pooled = {
-        key: _pooled([a["comparison"][key] for a in assets.values() if key in a["comparison"]])
-        for key in ("predictive_vs_best_static", "bound_vs_best_static")
-    }
-    return {"assets": assets, "comparison": pooled, "mlflow_run_id": run_id, "cut": cuts, "config_hash": cfg_hash}
+    return {"assets": assets, "headline": headline_numbers(assets), "mlflow_run_id": run_id, "cut": cuts,
+            "config_hash": cfg_hash}
 
 
 def _json_safe(obj: Any) -> Any:
@@ -168,18 +193,23 @@ def _report_asset(out: AssetOutcome) -> Any:
     from volmargin.report import AssetReport
 
     inp = out.inputs
+    h = out.headline
     bars = inp.bars[inp.bars.index >= inp.cut]
     r = np.log(inp.bars["close"].astype(float)).diff()
     step = pd.Series(inp.bars.index).diff().median()
     per_year = pd.Timedelta(days=365) / step if isinstance(step, pd.Timedelta) and step > pd.Timedelta(0) else 365.0
     rv = r.rolling(30, min_periods=10).std() * math.sqrt(per_year)
     series = pd.DataFrame({"close": bars["close"].astype(float), "realized_vol": rv.reindex(bars.index)})
-    for name, path in out.paths.items():
-        if name.startswith("bound"):
-            continue
-        s = pd.Series(np.asarray(path.im_rate), index=path.times)
-        series[f"im.{name}"] = s.reindex(bars.index).to_numpy()
+    # margin over time at the median budget: the predictive policy, the scaled rivals, the best static pair
+    keys = list(h.budgets)
+    mid = keys[len(keys) // 2]
+    for name, path in h.paths.get(mid, {}).items():
+        series[f"im.{name}"] = pd.Series(np.asarray(path.im_rate), index=path.times).reindex(bars.index).to_numpy()
         series[f"mm.{name}"] = pd.Series(np.asarray(path.mm_rate), index=path.times).reindex(bars.index).to_numpy()
+    st = h.budgets[mid].get("best_static")
+    if st:
+        series["im.best_static"] = st["im"]
+        series["mm.best_static"] = st["mm"]
     policies = {}
     for name, res in out.results.items():
         cov = out.coverage.get(name, {})
@@ -191,18 +221,10 @@ def _report_asset(out: AssetOutcome) -> Any:
             "kupiec_p": cov.get("kupiec_p"),
             "christoffersen_p": cov.get("christoffersen_p"),
         }
-    comparison = {k: {**v, "reason": "; ".join(f"{a}: {b}" for a, b in out.reasons.get(k, {}).items()) or None}
-                  for k, v in out.comparison.items()}
-    frontiers = {k: [p.to_dict() for p in f.points] for k, f in out.frontiers.items()}
-    shown = {k: v for k, v in out.results.items() if not k.startswith("static") or k == "static_0.10"}
-    for k in ("bound_liquidations", "bound_bad_debt"):
-        if k in out.frontiers_frozen:
-            frontiers[f"{k} (frozen)"] = [p.to_dict() for p in out.frontiers_frozen[k].points]
     return AssetReport(
         asset=inp.asset, dataset=inp.dataset, cut=str(inp.cut.date()), champion=inp.champion, policies=policies,
-        comparison=comparison, frontiers=frontiers, series=series,
-        crash_days=_crash_days(inp.bars, inp.cut, shown),
-        predictive_params=out.predictive_params,
+        budget_median=mid, envelope=h.envelope, bound_curve=h.bound_curve, series=series,
+        crash_days=_crash_days(inp.bars, inp.cut, out.results),
     )
 
 
@@ -301,7 +323,7 @@ def run_job(
     run = mlflow.start_run(run_name=f"{cfg.name}-{mode}", tags={"job": mode, "config_hash": chash})
     run_id = run.info.run_id
     try:
-        summary = _json_safe(build_summary(outcomes, run_id=run_id, cfg_hash=chash))
+        summary = _json_safe(build_summary(outcomes, run_id=run_id, cfg_hash=chash, tolerance=cfg.bad_debt_tolerance))
         sens = pd.DataFrame([r for o in outcomes.values() for r in o.sensitivity])
         details = _json_safe({
             "mode": mode,
@@ -310,13 +332,12 @@ def run_job(
                 o.inputs.asset: {
                     "dataset": o.inputs.dataset,
                     "champion": o.inputs.champion,
-                    "reasons": o.reasons,
                     "coverage": o.coverage,
-                    "predictive_params": o.predictive_params,
+                    "predictive_params": o.headline.fitted,
                     "metrics": {k: r.metrics() for k, r in o.results.items()},
-                    "metrics_frozen": {k: r.metrics() for k, r in o.frozen.items()},
-                    "frontiers": {k: f.to_dict() for k, f in o.frontiers.items()},
-                    "frontiers_frozen": {k: f.to_dict() for k, f in o.frontiers_frozen.items()},
+                    "static_runs": o.headline.envelope.to_dict("records"),
+                    "bound_curve": o.headline.bound_curve.to_dict("records"),
+                    "simulations": o.headline.runs,
                     "seconds": o.seconds,
                 }
                 for o in outcomes.values()
@@ -324,10 +345,10 @@ def run_job(
             "sensitivity": sens.to_dict("records"),
         })
         notes = [
-            "Changes against the best static are scored in the normal setting (volume-dependent slippage, "
-            "top-ups, fees, funding); shares of the bound are scored in the bound's frozen setting "
-            "(volume slippage off, bad debt before the fund), where the bound is the best entry-IM path on "
-            "its grid.",
+            "Budget comparisons are scored in the frozen setting (volume-dependent slippage off, so positions are "
+            "independent; top-ups, fees and funding on; bad debt before the insurance fund), where the bound holds. "
+            "The per-policy table of each asset (ewma_ccp, garch_fhs, oracle_vol as configured, unscaled) is "
+            "scored in the normal setting.",
             f"Training runs: {', '.join(training.get('training_run_ids', [])) or 'none (backtest only)'}.",
         ]
         data = ReportData(
@@ -350,7 +371,9 @@ def run_job(
             **{f"champion.{o.inputs.asset}": f"{o.inputs.champion.get('model_key')} v{o.inputs.champion.get('model_version')}"
                for o in outcomes.values()},
         })
-        metrics = flatten_metrics({"assets": summary["assets"], "comparison": summary["comparison"]})
+        metrics = flatten_metrics({"assets": {a: {k: v for k, v in e.items() if k != "predictive_params"}
+                                              for a, e in summary["assets"].items()},
+                                   "headline": summary["headline"]})
         mlflow.log_metrics({k.replace("<", "").replace(">", ""): v for k, v in metrics.items()})
         for p in (summary_path, details_path, report_path, config_json):
             mlflow.log_artifact(str(p))

@@ -1,4 +1,4 @@
-"""Backtests of one asset: policies, the frozen-setting bound, frontiers, coverage tests and sensitivity.
+"""Backtests of one asset: the headline at capital budgets (backtest.headline), coverage tests, sensitivity.
 
 Used by :mod:`volmargin.run`; workers of ``volmargin.executor`` run :func:`evaluate_asset` and return an
 :class:`AssetOutcome` (they never write files or MLflow).
@@ -16,20 +16,17 @@ import numpy as np
 import pandas as pd
 
 from volmargin.config import RunConfig
-from volmargin.report import finite_or_none
 from volmargin.run_inputs import AssetInputs
 
 __all__ = [
     "VAR_POLICIES",
-    "ADAPTIVE",
-    "BOUND_OBJECTIVES",
     "AssetOutcome",
     "static_name",
     "build_controls",
     "build_population_config",
     "build_backtest_config",
+    "headline_settings",
     "check_policy_settings",
-    "scaled_path",
     "horizon_breaches",
     "evaluate_asset",
     "evaluate_assets",
@@ -41,9 +38,6 @@ Progress = Callable[[str, int, int], None]
 
 #: Policies whose margin is a VaR/ES quantile at a stated confidence: Basel traffic light applies.
 VAR_POLICIES = ("ewma_ccp", "garch_fhs")
-#: Adaptive families swept along ``policies.frontier_scales``.
-ADAPTIVE = ("ewma_ccp", "garch_fhs", "predictive", "oracle_vol")
-BOUND_OBJECTIVES = ("liquidations", "bad_debt")
 
 
 def static_name(level: float) -> str:
@@ -71,63 +65,35 @@ def build_backtest_config(cfg: RunConfig, overrides: Mapping[str, Any] | None = 
 # ---------------------------------------------------------------------------- one asset
 @dataclass(frozen=True)
 class AssetOutcome:
-    """Backtests and comparisons of one asset on its held-out bars.
+    """The backtests of one asset on its held-out bars.
 
-    ``results`` are scored in the normal setting (volume slippage on, top-ups, fees, funding);
-    ``frozen`` in the bound's frozen setting (volume slippage off, bad debt before the fund), where the
-    shares of the bound are computed. ``comparison`` holds the summary's four numbers per policy;
-    ``reasons`` says why a number is null.
+    ``headline`` (:class:`backtest.headline.AssetHeadline`): every budget comparison, scored in the frozen
+    setting (volume slippage off, so positions are independent and the bound holds). ``results``: the rival
+    policies as configured (unscaled) in the normal setting (volume slippage, top-ups, fees, funding), for
+    their coverage tests and the crash days; ``paths`` their margin paths.
     """
 
     inputs: AssetInputs
     paths: dict[str, Any]
     results: dict[str, Any]
-    frozen: dict[str, Any]
-    frontiers: dict[str, Any]
-    frontiers_frozen: dict[str, Any]
-    comparison: dict[str, dict[str, Any]]
-    reasons: dict[str, dict[str, str]]
     coverage: dict[str, dict[str, Any]]
-    predictive_params: dict[str, Any]
+    headline: Any
     sensitivity: list[dict[str, Any]]
     seconds: float
 
 
-def scaled_path(path: Any, scale: float, controls: Any, *, deployable: bool = True) -> Any:
-    """``path`` with IM multiplied by ``scale`` (a frontier point of its family).
+def headline_settings(cfg: RunConfig) -> Any:
+    """``backtest.headline.HeadlineSettings`` from ``budgets``, ``bad_debt_tolerance`` and ``policies``."""
+    from backtest.budgets import MmRule
+    from backtest.headline import HeadlineSettings
 
-    Deployable paths go through the controls again (the change cap is relative, so scaling keeps it;
-    the floor and ceiling clip); references keep their MM rule.
-    """
-    from margin.controls import apply_controls
-    from margin.path import MarginPath
-
-    im = np.minimum(np.asarray(path.im_rate) * scale, 1.0)
-    meta = {**path.meta, "frontier_scale": scale}
-    if deployable:
-        cp = apply_controls(im, controls)
-        return MarginPath(times=path.times, im_rate=cp.im_new, mm_rate=cp.mm_open, policy=path.policy, meta=meta,
-                          mm_pending=cp.mm_pending, mm_effective_bar=cp.mm_effective_bar)
-    mm = np.minimum(np.asarray(path.mm_rate) * scale, im)
-    return MarginPath(times=path.times, im_rate=im, mm_rate=mm, policy=path.policy, meta=meta, mm_binds=path.mm_binds)
-
-
-def _bound_frontier(tab: Any, objective: str, targets: list[float]) -> Any:
-    """Bound frontier (one objective) from its cohort table: one point per collateral target."""
-    from backtest.bound import solve_lambda
-    from backtest.frontier import Frontier, FrontierPoint
-
-    expo = float(tab.exposure.sum())
-    pts = []
-    lams = sorted({0.0, *(solve_lambda(tab, objective, t) for t in targets)})
-    for lam in lams:
-        ch = tab.choose(objective, lam)
-        r = np.arange(ch.size)
-        coll = float(tab.collateral[r, ch].sum())
-        pts.append(FrontierPoint(scale=float(lam), avg_collateral=coll / expo if expo > 0 else float("nan"),
-                                 liquidations=float(tab.liquidations[r, ch].sum()),
-                                 bad_debt=float(tab.bad_debt[r, ch].sum()), policy=f"bound_{objective}"))
-    return Frontier(family=f"bound_{objective}", points=tuple(pts))
+    pol = cfg.policies
+    sp = pol.static_pairs
+    rules = tuple([MmRule("fraction", f) for f in sp.mm_fractions] + [MmRule("fixed", m) for m in sp.mm_fixed])
+    pred = dict(pol.predictive)
+    cap = pred.pop("max_im_increase_5d", None)
+    return HeadlineSettings(budgets=tuple(cfg.budgets), bad_debt_tolerance=cfg.bad_debt_tolerance,
+                            im_grid=tuple(sp.im), rules=rules, fit=pred, increase_cap=cap)
 
 
 def horizon_breaches(close: np.ndarray, im: np.ndarray, first: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
@@ -211,26 +177,6 @@ def _crash_days(bars: pd.DataFrame, cut: pd.Timestamp, results: Mapping[str, Any
     return df
 
 
-def _compare_entry(norm: Mapping[str, Any], froz: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    entry = {
-        "liquidations_change": finite_or_none(norm.get("liquidations_change")),
-        "bad_debt_change": finite_or_none(norm.get("bad_debt_change")),
-        "share_of_bound_liquidations": finite_or_none(froz.get("share_of_bound_liquidations")),
-        "share_of_bound_bad_debt": finite_or_none(froz.get("share_of_bound_bad_debt")),
-    }
-    if "best_static_liquidations" in norm:  # the static reference at the policy's collateral (refined frontier)
-        entry["best_static_liquidations"] = finite_or_none(norm.get("best_static_liquidations"))
-        entry["best_static_bad_debt"] = finite_or_none(norm.get("best_static_bad_debt"))
-        entry["static_bracket"] = norm.get("static_bracket")
-    reasons = {}
-    for k in ("liquidations_change", "bad_debt_change"):
-        if entry[k] is None:
-            reasons[k] = str((norm.get("reasons") or {}).get(k, "undefined"))
-    for k in ("share_of_bound_liquidations", "share_of_bound_bad_debt"):
-        if entry[k] is None:
-            reasons[k] = str((froz.get("reasons") or {}).get(k, "undefined"))
-    return entry, reasons
-
 
 def evaluate_asset(
     inp: AssetInputs,
@@ -241,10 +187,9 @@ def evaluate_asset(
     sensitivity: bool = False,
     progress: Progress | None = None,
 ) -> AssetOutcome:
-    """Fit, backtest and compare every policy on one asset (see the module docstring)."""
+    """The headline at every budget, the rivals' coverage tests and (optionally) the sensitivity rows."""
     from backtest.factory import make_policy
-    from backtest.fit import fit_predictive
-    from backtest.frontier import compare, frontier_from_results
+    from backtest.headline import evaluate_headline
     from backtest.population import generate_population
     from backtest.simulation import run_backtest
     from margin.policies import PolicyContext
@@ -253,146 +198,71 @@ def evaluate_asset(
     controls = build_controls(cfg)
     ctx = PolicyContext(bars=inp.bars, forecast=inp.forecast, regime_probs=inp.regime_probs, cut=inp.cut,
                         controls=controls)
-    pop_cfg = build_population_config(cfg, population_overrides)
-    population = generate_population(len(inp.bars), pop_cfg, volume=inp.bars["volume"].to_numpy(dtype=float))
+    population = generate_population(len(inp.bars), build_population_config(cfg, population_overrides),
+                                     volume=inp.bars["volume"].to_numpy(dtype=float))
     bt = build_backtest_config(cfg, backtest_overrides)
-    btf = bt.frozen_copy()
-    levels = list(cfg.policies.static_levels)
     pol = cfg.policies
-    steps = len(levels) + 12  # fit, one per path, two bounds, four frontier sweeps, sensitivity
+    paths = {
+        "ewma_ccp": make_policy("ewma_ccp", **pol.ewma_ccp).path(ctx),
+        "garch_fhs": make_policy("garch_fhs", **{"seed": cfg.seed, **pol.garch_fhs}).path(ctx),
+        "oracle_vol": make_policy("oracle_vol", **pol.oracle_vol).path(ctx),
+    }
+    results = {name: run_backtest(inp.bars, p, population, bt, start=inp.cut) for name, p in paths.items()}
+    coverage = {name: _coverage(name, paths[name], res, inp) for name, res in results.items()}
+    settings = headline_settings(cfg)
+    n_b = len(settings.budgets)
     done = 0
 
-    def tick() -> None:
+    def tick(_msg: str) -> None:
         nonlocal done
         done += 1
         if progress:
-            progress(f"backtests {inp.asset}", done, steps)
+            progress(f"budgets {inp.asset}", min(done, n_b), n_b)
 
-    def run(path: Any, c: Any = bt) -> Any:
-        return run_backtest(inp.bars, path, population, c, start=inp.cut)
-
-    paths: dict[str, Any] = {}
-    for lv in levels:
-        paths[static_name(lv)] = make_policy(static_name(lv)).path(ctx)
-    paths["ewma_ccp"] = make_policy("ewma_ccp", **pol.ewma_ccp).path(ctx)
-    paths["garch_fhs"] = make_policy("garch_fhs", **{"seed": cfg.seed, **pol.garch_fhs}).path(ctx)
-    pred_cfg = dict(pol.predictive)
-    if pred_cfg.get("max_im_increase_5d") == "ewma_ccp":
-        # the constraint at the EWMA-CCP policy's own largest 5-day increase before the cut
-        from backtest.simulation import bars_per_day, max_increase
-
-        k = ctx.cut_index()
-        pred_cfg["max_im_increase_5d"] = max_increase(paths["ewma_ccp"].im_rate[:k], round(5 * bars_per_day(ctx.times)))
-    predictive = fit_predictive(ctx, population, bt, pol.objective.weights(), **pred_cfg)
-    tick()
-    paths["predictive"] = predictive.path(ctx)
-    paths["oracle_vol"] = make_policy("oracle_vol", **pol.oracle_vol).path(ctx)
-    results: dict[str, Any] = {}
-    frozen: dict[str, Any] = {}
-    for name, path in paths.items():
-        results[name] = run(path)
-        frozen[name] = run(path, btf)
-        tick()
-    static_front = frontier_from_results("static", {lv: results[static_name(lv)] for lv in levels})
-    static_front_f = frontier_from_results("static", {lv: frozen[static_name(lv)] for lv in levels})
-    frontiers: dict[str, Any] = {"static": static_front}
-    frontiers_f: dict[str, Any] = {"static": static_front_f}
-    # the bound: cohort table in the frozen setting on the held-out window, one frontier per objective
-    bcfg = dict(pol.bound)
-    grid = tuple(bcfg.pop("grid", levels))
-    bound = make_policy("bound_liquidations", population=population, backtest_cfg=bt, grid=grid, **bcfg)
-    tab = bound.table(ctx)
-    targets = [frozen[static_name(lv)].avg_collateral for lv in levels]
-    bound_fronts = {obj: _bound_frontier(tab, obj, targets) for obj in BOUND_OBJECTIVES}
-    for obj in BOUND_OBJECTIVES:
-        frontiers_f[f"bound_{obj}"] = bound_fronts[obj]
-        b = make_policy(f"bound_{obj}", population=population, backtest_cfg=bt, grid=grid,
-                        target_avg_collateral=frozen["predictive"].avg_collateral, **bcfg)
-        paths[f"bound_{obj}"] = b.path(ctx, table=tab)
-        frozen[f"bound_{obj}"] = run(paths[f"bound_{obj}"], btf)
-        results[f"bound_{obj}"] = frozen[f"bound_{obj}"]  # the bound is only defined in the frozen setting
-        tick()
-    comparison: dict[str, dict[str, Any]] = {}
-    reasons: dict[str, dict[str, str]] = {}
-    def run_static(level: float, c: Any = bt) -> Any:
-        # a static level between two grid points: the static frontier is convex in collateral, so the chord
-        # between distant levels lies above it and would credit a policy with a gain it does not have
-        return run(make_policy(static_name(level)).path(ctx), c)
-
-    for name in ADAPTIVE:
-        entry, why = _compare_entry(
-            compare(results[name], static_front, run_static=run_static),
-            compare(frozen[name], static_front_f, bound_fronts, run_static=lambda lv: run_static(lv, btf)),
-        )
-        comparison[f"{name}_vs_best_static"] = entry
-        if why:
-            reasons[f"{name}_vs_best_static"] = why
-    bl = compare(frozen["bound_liquidations"], static_front_f, bound_fronts)
-    bd = compare(frozen["bound_bad_debt"], static_front_f, bound_fronts)
-    entry, why = _compare_entry(
-        {"liquidations_change": bl["liquidations_change"], "bad_debt_change": bd["bad_debt_change"],
-         "reasons": {"liquidations_change": bl["reasons"].get("liquidations_change"),
-                     "bad_debt_change": bd["reasons"].get("bad_debt_change")}},
-        {"share_of_bound_liquidations": bl["share_of_bound_liquidations"],
-         "share_of_bound_bad_debt": bd["share_of_bound_bad_debt"],
-         "reasons": {"share_of_bound_liquidations": bl["reasons"].get("share_of_bound_liquidations"),
-                     "share_of_bound_bad_debt": bd["reasons"].get("share_of_bound_bad_debt")}},
-    )
-    comparison["bound_vs_best_static"] = entry
-    if why:
-        reasons["bound_vs_best_static"] = why
-    # frontier sweeps of the adaptive families (normal setting)
-    for name in ADAPTIVE:
-        scaled = {1.0: results[name]}
-        for s in pol.frontier_scales:
-            if s != 1.0:
-                scaled[s] = run(scaled_path(paths[name], s, controls, deployable=name != "oracle_vol"))
-        frontiers[name] = frontier_from_results(name, scaled)
-        tick()
-    coverage = {name: _coverage(name, paths[name], res, inp) for name, res in results.items()}
+    rivals = {k: v for k, v in paths.items() if k in ("ewma_ccp", "garch_fhs")}
+    head = evaluate_headline(ctx, population, bt.frozen_copy(), rivals, settings, progress=tick)
     sens: list[dict[str, Any]] = []
     if sensitivity and cfg.sensitivity.enabled:
-        sens = _sensitivity(inp, cfg, ctx, paths["predictive"])
-    tick()
-    fitted = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in predictive.params().items()}
-    fitted.update({k: predictive.fitted.get(k) for k in ("alpha", "beta", "evaluations", "n_positions_fit")})
-    return AssetOutcome(
-        inputs=inp, paths=paths, results=results, frozen=frozen, frontiers=frontiers, frontiers_frozen=frontiers_f,
-        comparison=comparison, reasons=reasons, coverage=coverage, predictive_params=fitted, sensitivity=sens,
-        seconds=time.perf_counter() - t0,
-    )
+        sens = _sensitivity(inp, cfg, head)
+    return AssetOutcome(inputs=inp, paths=paths, results=results, coverage=coverage, headline=head,
+                        sensitivity=sens, seconds=time.perf_counter() - t0)
 
 
-def _sensitivity(inp: AssetInputs, cfg: RunConfig, ctx: Any, predictive_path: Any) -> list[dict[str, Any]]:
-    """One row per varied assumption value: the predictive policy (parameters from the base fit) against
-    the static frontier recomputed under that assumption."""
-    from backtest.factory import make_policy
-    from backtest.frontier import compare, frontier_from_results
+def _sensitivity(inp: AssetInputs, cfg: RunConfig, head: Any) -> list[dict[str, Any]]:
+    """One row per varied assumption: the predictive policy fitted at the median budget (parameters from the
+    base fit) and the static pair of the base's best MM rule at its collateral, both under the assumption
+    (frozen setting, as the headline)."""
+    from backtest.budgets import MmRule, StaticEnvelope, budget_key
     from backtest.population import generate_population
     from backtest.simulation import run_backtest
 
-    rows = []
-    levels = list(cfg.policies.static_levels)
-    static_paths = {lv: make_policy(static_name(lv)).path(ctx) for lv in levels}
-    base = {"assumption": "base", "value": None}
-    variants: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = [(base, {}, {})]
-    for path, values in cfg.sensitivity.vary.items():
-        section, _, key = path.partition(".")
+    budgets = sorted(cfg.budgets)
+    key = budget_key(budgets[len(budgets) // 2])
+    path = head.paths[key]["predictive"]
+    base_static = head.budgets[key].get("best_static") or {}
+    rule_s = str(base_static.get("mm_rule", "0.5×IM"))
+    rule = (MmRule("fraction", float(rule_s.removesuffix("×IM"))) if rule_s.endswith("×IM")
+            else MmRule("fixed", float(rule_s)))
+    variants: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = [
+        ({"assumption": "base", "value": None}, {}, {})]
+    for dotted, values in cfg.sensitivity.vary.items():
+        section, _, k = dotted.partition(".")
         for v in values:
-            row = {"assumption": path, "value": v}
-            variants.append((row, {key: v} if section == "population" else {}, {key: v} if section == "backtest" else {}))
+            variants.append(({"assumption": dotted, "value": v}, {k: v} if section == "population" else {},
+                             {k: v} if section == "backtest" else {}))
+    rows = []
     for row, pov, bov in variants:
         pop = generate_population(len(inp.bars), build_population_config(cfg, pov),
                                   volume=inp.bars["volume"].to_numpy(dtype=float))
-        bt = build_backtest_config(cfg, bov)
-        st = {lv: run_backtest(inp.bars, p, pop, bt, start=inp.cut) for lv, p in static_paths.items()}
-        front = frontier_from_results("static", st)
-        res = run_backtest(inp.bars, predictive_path, pop, bt, start=inp.cut)
-        c = compare(res, front)
-        rows.append({"asset": inp.asset, **row, "liquidations": int(res.liquidations), "bad_debt": float(res.bad_debt),
-                     "avg_collateral": float(res.avg_collateral),
-                     "liquidations_change": finite_or_none(c["liquidations_change"]),
-                     "bad_debt_change": finite_or_none(c["bad_debt_change"]), "note": c.get("reason")})
+        bt = build_backtest_config(cfg, bov).frozen_copy()
+        res = run_backtest(inp.bars, path, pop, bt, start=inp.cut)
+        env = StaticEnvelope(inp.bars, pop, bt, [rule], tuple(cfg.policies.static_pairs.im), start=inp.cut)
+        st = env.solve(rule, float(res.avg_collateral))
+        rows.append({"asset": inp.asset, "budget": key, **row, "liquidations": int(res.liquidations),
+                     "bad_debt": float(res.bad_debt), "avg_collateral": float(res.avg_collateral),
+                     "static_pair": None if st is None else f"IM {100 * st.im:.2f}%, MM {100 * st.mm:.2f}%",
+                     "static_liquidations": None if st is None else st.liquidations,
+                     "static_bad_debt": None if st is None else st.bad_debt})
     return rows
 
 
@@ -411,18 +281,15 @@ def check_policy_settings(cfg: RunConfig) -> None:
         except ValueError as exc:
             raise ValueError(f"policies.{name}: {exc}") from None
     params = inspect.signature(fit_predictive).parameters
-    allowed = {k for k, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+    allowed = {k for k, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY} - {
+        "target_avg_collateral", "target_avg_im", "bad_debt_allowance", "start_from", "start"}
     unknown = sorted(set(pol.predictive) - allowed)
     if unknown:
         raise ValueError(f"policies.predictive: unknown key(s) {unknown}; known: {sorted(allowed)}")
     cap = pol.predictive.get("max_im_increase_5d")
     if cap is not None and cap != "ewma_ccp" and not is_increase_cap(cap):
         raise ValueError(f"policies.predictive.max_im_increase_5d must be a fraction > 0 or 'ewma_ccp', got {cap!r}")
-    bound = {k: v for k, v in pol.bound.items() if k != "grid"}
-    try:
-        make_policy("bound_liquidations", population=None, **bound)
-    except ValueError as exc:
-        raise ValueError(f"policies.bound: {exc}") from None
+    headline_settings(cfg)
 
 
 def _evaluate_task(task: tuple[AssetInputs, RunConfig, bool]) -> AssetOutcome:

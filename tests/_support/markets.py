@@ -11,9 +11,10 @@ from models.base import VolatilityForecast
 __all__ = ["market", "forecast_for"]
 
 
-def market(n=400, seed=42, vol=0.03):
+def market(n=400, seed=42, vol=0.03, drift=0.08):
+    """OHLCV bars (t(4) returns) whose log volatility is a random walk with step ``drift`` (0: constant)."""
     rng = np.random.default_rng(seed)
-    sig = vol * np.exp(np.cumsum(rng.normal(0, 0.08, n)))
+    sig = vol * np.exp(np.cumsum(rng.normal(0, drift, n)))
     r = rng.standard_t(4, n) * sig / np.sqrt(2)
     c = 100 * np.exp(np.cumsum(r))
     o = np.r_[100.0, c[:-1]]

@@ -6,15 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _support.markets import forecast_for, market
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from backtest.bound import BoundPolicy, bound_path, cohort_table, solve_lambda
 from backtest.factory import make_policy
 from backtest.fit import fit_predictive
 from backtest.population import PopulationConfig, generate_population
-from backtest.simulation import BacktestConfig, run_backtest
-from margin.path import MarginPath
+from backtest.simulation import BacktestConfig
 from margin.policies import EwmaCcpPolicy, GarchFhsPolicy, OracleVolPolicy, PolicyContext, StaticPolicy
 from margin.predictive import PredictivePolicy
 
@@ -26,9 +22,8 @@ class TestFactory:
         assert isinstance(make_policy("garch_fhs", confidence=0.995), GarchFhsPolicy)
         assert isinstance(make_policy("predictive", level=0.2), PredictivePolicy)
         assert isinstance(make_policy("oracle_vol"), OracleVolPolicy)
-        pop = generate_population(10, PopulationConfig(n_positions=5))
-        b = make_policy("bound_bad_debt", population=pop, grid=[0.05, 0.1])
-        assert isinstance(b, BoundPolicy) and b.objective == "bad_debt" and b.name == "bound_bad_debt"
+        pair = make_policy("static", im=0.2, mm=0.05)
+        assert isinstance(pair, StaticPolicy) and pair.name == "static_0.20_mm0.05"
 
     @pytest.mark.parametrize(
         ("name", "kw", "match"),
@@ -39,7 +34,8 @@ class TestFactory:
             ("ewma_ccp", {"apc": "both"}, "ewma_ccp.apc must be"),
             ("ewma_ccp", {"bogus": 1}, "bad config for policy 'ewma_ccp'"),
             ("garch_fhs", {"measure": "cvar"}, "garch_fhs.measure must be"),
-            ("bound", {}, "needs population="),
+            ("bound", {}, "unknown policy 'bound'"),
+            ("static", {"im": 0.1, "mm": 0.2}, r"static mm must be in \(0, im=0.1\], got 0.2"),
         ],
     )
     def test_errors(self, name, kw, match):
@@ -106,48 +102,3 @@ class TestPredictiveFit:
         bars, sig = market(50)
         with pytest.raises(ValueError, match="needs ctx.cut"):
             fit_predictive(PolicyContext(bars=bars), generate_population(50, PopulationConfig(n_positions=5)))
-
-
-class TestBound:
-    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(seed=st.integers(0, 10_000), lam_exp=st.floats(-9, -3), objective=st.sampled_from(["liquidations",
-                                                                                             "bad_debt"]))
-    def test_never_worse_at_equal_collateral(self, seed, lam_exp, objective):
-        bars, _ = market(40, seed=seed, vol=0.05)
-        pop = generate_population(40, PopulationConfig(n_positions=150, seed=seed, topup_prob=0.5))
-        ctx = PolicyContext(bars=bars)
-        grid = (0.03, 0.06, 0.1, 0.2)
-        cfg = BacktestConfig(frozen=True)
-        tab = cohort_table(bars, pop, cfg, grid, 0.5)
-        lam = 10.0**lam_exp
-        bp = bound_path(ctx, tab, objective, lam)
-        b = run_backtest(bars, bp, pop, cfg)
-        # cohorts independent in the frozen setting: the realised outcome is the table's
-        assert getattr(b, objective) == pytest.approx(bp.meta["predicted_metric"], rel=1e-9, abs=1e-9)
-        assert b.collateral_locked == pytest.approx(bp.meta["predicted_collateral"], rel=1e-9)
-        rng = np.random.default_rng(seed)
-        paths = [np.full(40, g) for g in grid] + [rng.choice(grid, size=40) for _ in range(6)]
-        for im in paths:
-            other = run_backtest(bars, MarginPath(times=bars.index, im_rate=im, mm_rate=0.5 * im, policy="p",
-                                                  mm_binds="entry"), pop, cfg)
-            # Lagrangian optimality: metric + lam * collateral is minimal; with no more collateral, no worse
-            lhs = getattr(b, objective) + lam * b.collateral_locked
-            rhs = getattr(other, objective) + lam * other.collateral_locked
-            assert lhs <= rhs + 1e-9 * max(1.0, abs(rhs))
-            if other.collateral_locked <= b.collateral_locked:
-                assert getattr(b, objective) <= getattr(other, objective) + 1e-9 * max(1.0, getattr(other, objective))
-
-    def test_target_collateral_and_policy(self):
-        bars, _ = market(80, seed=1, vol=0.05)
-        pop = generate_population(80, PopulationConfig(n_positions=400, seed=1))
-        ctx = PolicyContext(bars=bars, cut=bars.index[20])
-        static = run_backtest(bars, StaticPolicy(0.1).path(ctx), pop, BacktestConfig(frozen=True), start=ctx.cut)
-        pol = BoundPolicy(population=pop, grid=(0.03, 0.06, 0.1, 0.2), target_avg_collateral=static.avg_collateral)
-        tab = pol.table(ctx)
-        p = pol.path(ctx, table=tab)
-        b = run_backtest(bars, p, pop, BacktestConfig(frozen=True), start=ctx.cut)
-        assert b.avg_collateral <= static.avg_collateral * (1 + 1e-12)
-        assert b.liquidations <= static.liquidations
-        assert p.mm_binds == "entry" and p.policy == "bound_liquidations"
-        lam = solve_lambda(tab, "liquidations", static.avg_collateral)
-        assert p.meta["lam"] == lam

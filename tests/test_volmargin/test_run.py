@@ -12,18 +12,19 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from backtest.budgets import scaled_path
 from data_pipelines.synthetic import simulate
 from volmargin.cli import app
 from volmargin.config import RunConfig, load_config
-from volmargin.run import _pooled, config_hash, horizon_breaches, scaled_path, static_name
+from volmargin.run import config_hash, headline_numbers, horizon_breaches, static_name
 
 runner = CliRunner()
 
 POLICY_KEYS = {"liquidations", "bad_debt", "avg_collateral", "traffic_light", "max_im_increase_5d"}
 POLICY_EXTRA_KEYS = {"liquidated_notional", "fund_draw", "uncovered_bad_debt", "max_im_increase_1d",
                      "max_im_increase_10d", "peak_to_trough"}
-COMPARISON_KEYS = {"liquidations_change", "bad_debt_change", "share_of_bound_liquidations", "share_of_bound_bad_debt"}
-POOLED_KEYS = {"liquidations_change", "bad_debt_change", "n_assets"}
+BUDGET_POLICY_KEYS = {"liquidations", "bad_debt", "avg_collateral", "share_of_bound", "max_im_increase_5d"}
+HEADLINE_KEYS = {"share_of_bound_min", "share_of_bound_mean", "budgets_met", "budgets_total"}
 
 
 def tiny_config(root: Path, dataset: str, **over: object) -> dict:
@@ -38,11 +39,13 @@ def tiny_config(root: Path, dataset: str, **over: object) -> dict:
             "models": [{"name": "ewma"}, {"name": "ewma", "label": "ewma80", "params": {"lam": 0.8}}],
             "promotion": {"mcs_reps": 50},
         },
+        "budgets": [0.15, 0.25],
         "policies": {
-            "static_levels": [0.03, 0.05, 0.10, 0.20, 0.50],
-            "predictive": {"rounds": 1, "grid": {"level": [0.05, 0.1, 0.2], "power": [0.0, 1.0], "stress": [0.0],
-                                                 "omega": [0.5], "floor": [0.02]}},
-            "frontier_scales": [0.8, 1.0],
+            "static_pairs": {"im": [0.02, 0.06, 0.12, 0.25, 0.5], "mm_fractions": [0.5], "mm_fixed": [0.03]},
+            "predictive": {"rounds": 1, "refine": False,
+                           "grid": {"power": [0.0, 1.0], "stress": [0.0], "omega": [0.5], "floor": [0.02],
+                                    "release": [1.0], "mm_binds": ["path"], "mm_k": [0.0], "mm_floor": [0.0],
+                                    "mm_fraction": [None, 0.25]}},
         },
         "population": {"n_positions": 400},
         "sensitivity": {"vary": {"population.topup_prob": [0.0]}},
@@ -77,64 +80,46 @@ def _is_num_or_null(x: object) -> bool:
 class TestSummary:
     def test_keys_and_types(self, tiny: dict) -> None:
         s = json.loads((tiny["outs"][0] / "summary.json").read_text())
-        assert set(s) == {"assets", "comparison", "mlflow_run_id", "cut", "config_hash"}
+        assert set(s) == {"assets", "headline", "mlflow_run_id", "cut", "config_hash"}
+        assert HEADLINE_KEYS <= set(s["headline"])
+        assert s["headline"]["budgets_total"] == 2 and 0 <= s["headline"]["budgets_met"] <= 2
         assert list(s["assets"]) == ["SYN"]
         a = s["assets"]["SYN"]
-        assert set(a) == {"policies", "comparison"}
-        expected = {static_name(x) for x in (0.03, 0.05, 0.10, 0.20, 0.50)} | {
-            "ewma_ccp", "garch_fhs", "predictive", "oracle_vol", "bound_liquidations", "bound_bad_debt"}
-        assert set(a["policies"]) == expected
+        assert {"budgets", "ablation", "policies", "predictive_params"} <= set(a)
+        assert set(a["budgets"]) == {"0.15", "0.25"} and set(a["ablation"]) == {"0.15", "0.25"}
+        for b, e in a["budgets"].items():
+            st = e["best_static"]
+            assert {"im", "mm", "liquidations", "bad_debt", "avg_collateral"} <= set(st)
+            assert st["mm"] <= st["im"] and abs(st["avg_collateral"] - float(b)) <= 0.005
+            assert {"liquidations", "bad_debt"} <= set(e["bound"])
+            assert e["bound"]["liquidations"] <= st["liquidations"] + 1e-9
+            for pol in ("predictive", "ewma_ccp", "garch_fhs"):
+                assert BUDGET_POLICY_KEYS <= set(e[pol]), (b, pol)
+                assert all(_is_num_or_null(e[pol][k]) for k in BUDGET_POLICY_KEYS)
+                sh = e[pol]["share_of_bound"]
+                assert sh is None or sh <= 1 + 1e-9  # the bound is never beaten
+            assert set(a["ablation"][b]) == {"forecast", "constant_variance", "realised_variance"}
+            for v in a["ablation"][b].values():
+                assert set(v) == {"liquidations", "bad_debt", "avg_collateral"}
         for name, p in a["policies"].items():
             assert set(p) == POLICY_KEYS | POLICY_EXTRA_KEYS, name
             assert p["uncovered_bad_debt"] <= p["bad_debt"] + 1e-9 and p["fund_draw"] <= p["bad_debt"] + 1e-9, name
-            assert isinstance(p["liquidations"], int) and p["liquidations"] >= 0
-            assert isinstance(p["bad_debt"], float) and p["bad_debt"] >= 0
-            assert 0 < p["avg_collateral"] <= 1
-            assert p["traffic_light"] in ("green", "yellow", "red", None)
-            assert isinstance(p["max_im_increase_5d"], float) and p["max_im_increase_5d"] >= 0
-            if name in ("ewma_ccp", "garch_fhs"):
-                assert p["traffic_light"] in ("green", "yellow", "red")
-            else:
-                assert p["traffic_light"] is None
-            if name.startswith("static"):
-                assert p["max_im_increase_5d"] == 0.0
-        assert set(a["comparison"]) == {f"{k}_vs_best_static" for k in
-                                        ("ewma_ccp", "garch_fhs", "predictive", "oracle_vol", "bound")}
-        for name, c in a["comparison"].items():
-            extra = set(c) - COMPARISON_KEYS  # the static reference is recorded beside the contract keys
-            assert COMPARISON_KEYS <= set(c), name
-            assert extra <= {"best_static_liquidations", "best_static_bad_debt", "static_bracket"}, name
-            assert all(_is_num_or_null(c[k]) for k in COMPARISON_KEYS | (extra - {"static_bracket"}))
-        assert set(s["comparison"]) == {"predictive_vs_best_static", "bound_vs_best_static"}
-        for key, c in s["comparison"].items():
-            assert set(c) == POOLED_KEYS
-            assert isinstance(c["n_assets"], int) and 0 <= c["n_assets"] <= 1
-            per = a["comparison"][key]
-            for m in ("liquidations_change", "bad_debt_change"):
-                assert c[m] == per[m]  # one asset: the pooled mean is its value
+            assert p["traffic_light"] in (("green", "yellow", "red") if name != "oracle_vol" else (None,))
         assert s["cut"] == {"SYN": "2020-01-01"}
         assert len(s["config_hash"]) == 64
         assert isinstance(s["mlflow_run_id"], str) and s["mlflow_run_id"]
 
-    def test_changes_match_the_static_frontier(self, tiny: dict) -> None:
-        """The change is (policy - best static) / best static, where the best static is read off the static
-        frontier refined at the policy's collateral: inside the bracket of the grid levels, never wider."""
+    def test_share_matches_its_parts(self, tiny: dict) -> None:
+        """share = (static - policy) / (static - bound) with static and bound taken at the policy's collateral."""
         s = json.loads((tiny["outs"][0] / "summary.json").read_text())
-        d = json.loads((tiny["outs"][0] / "details.json").read_text())["assets"]["SYN"]
-        m = d["metrics"]
-        pts = sorted((m[k]["avg_collateral"], m[k]["liquidations"]) for k in m if k.startswith("static"))
-        x = np.array([p[0] for p in pts])
-        c = m["predictive"]["avg_collateral"]
-        entry = s["assets"]["SYN"]["comparison"]["predictive_vs_best_static"]
-        got = entry["liquidations_change"]
-        ref = entry["best_static_liquidations"]
-        if x[0] <= c <= x[-1] and ref:
-            assert got == pytest.approx((m["predictive"]["liquidations"] - ref) / ref, rel=1e-9)
-            lo, hi = entry["static_bracket"]
-            i = int(np.searchsorted(x, c))
-            assert lo <= c <= hi and hi - lo <= x[min(i, len(x) - 1)] - x[max(i - 1, 0)] + 1e-12
-        else:
-            assert got is None
+        for e in s["assets"]["SYN"]["budgets"].values():
+            for pol in ("predictive", "ewma_ccp", "garch_fhs"):
+                v = e[pol]
+                if v["share_of_bound"] is None:
+                    continue
+                st, bd = v["best_static_here"]["liquidations"], v["bound_here"]
+                assert abs(v["best_static_here"]["avg_collateral"] - v["avg_collateral"]) <= 0.005
+                assert v["share_of_bound"] == pytest.approx((st - v["liquidations"]) / (st - bd), rel=1e-9)
 
     def test_same_seed_same_numbers(self, tiny: dict) -> None:
         a, b = (json.loads((o / "summary.json").read_text()) for o in tiny["outs"])
@@ -145,7 +130,7 @@ class TestSummary:
     def test_cli_prints_report_and_headline(self, tiny: dict) -> None:
         out = tiny["output"]
         assert "report:" in out and "report.html" in out
-        assert "predictive_vs_best_static" in out
+        assert "headline" in out and "share of the bound" in out
 
     def test_mlflow_run_has_artifacts(self, tiny: dict) -> None:
         from mlflow.tracking import MlflowClient
@@ -156,7 +141,8 @@ class TestSummary:
         assert run.info.status == "FINISHED"
         names = {f.path for f in client.list_artifacts(s["mlflow_run_id"])}
         assert {"summary.json", "report.html", "details.json", "config.json"} <= names
-        assert any(k.startswith("assets.SYN.policies.predictive") for k in run.data.metrics)
+        assert any(k.startswith("assets.SYN.budgets.0.15.predictive") for k in run.data.metrics)
+        assert "headline.budgets_total" in run.data.metrics
 
     def test_champion_quality_matches_the_training_evaluation(self, tiny: dict) -> None:
         """The backtest-only forecast-quality table (from the pinned table) equals the training job's QLIKE."""
@@ -227,7 +213,7 @@ class TestBacktestCommand:
         assert d["assets"]["SYN"]["champion"]["model_key"] == "ewma"
         assert d["assets"]["SYN"]["champion"]["forecast_table"] == "recomputed"
         s = json.loads((tmp_path / "out" / "summary.json").read_text())
-        assert set(s["assets"]["SYN"]["policies"]["predictive"]) == POLICY_KEYS | POLICY_EXTRA_KEYS
+        assert BUDGET_POLICY_KEYS <= set(s["assets"]["SYN"]["budgets"]["0.15"]["predictive"])
         assert s["cut"] == {"SYN": "2020-02-01"}
 
 
@@ -277,14 +263,13 @@ class TestHelpers:
         assert static_name(0.125) == "static_0.125"
         assert static_name(0.5) == "static_0.50"
 
-    def test_pooled_mean_of_non_null(self) -> None:
-        got = _pooled([
-            {"liquidations_change": -0.2, "bad_debt_change": None},
-            {"liquidations_change": -0.4, "bad_debt_change": 0.1},
-            {"liquidations_change": None, "bad_debt_change": None},
-        ])
-        assert got == {"liquidations_change": pytest.approx(-0.3), "bad_debt_change": 0.1, "n_assets": 2}
-        assert _pooled([]) == {"liquidations_change": None, "bad_debt_change": None, "n_assets": 0}
+    def test_headline_numbers(self) -> None:
+        assets = {"A": {"budgets": {"0.1": {"predictive": {"share_of_bound": 0.2}, "checks": {"met": False}},
+                                    "0.2": {"predictive": {"share_of_bound": None}, "checks": {"met": False}}}},
+                  "B": {"budgets": {"0.1": {"predictive": {"share_of_bound": 0.8}, "checks": {"met": True}}}}}
+        got = headline_numbers(assets)
+        assert got == {"share_of_bound_min": 0.2, "share_of_bound_mean": pytest.approx(0.5), "budgets_met": 1,
+                       "budgets_total": 3, "shares_undefined": 1}
 
     def test_config_hash_is_stable_and_sensitive(self) -> None:
         a, b = RunConfig(), RunConfig()
@@ -305,7 +290,7 @@ class TestHelpers:
         assert np.all(ratio <= 1.2 + 1e-12) and np.all(ratio >= 0.8 - 1e-12)
         # an MM increase binds on open positions only after the notice
         assert np.all(p.mm_rate <= 0.5 * p.im_rate + 1e-15)
-        ref = scaled_path(base, 1.6, ctl, deployable=False)
+        ref = scaled_path(base, 1.6, None)
         np.testing.assert_allclose(ref.im_rate, np.minimum(im * 1.6, 1.0), rtol=0, atol=0)
 
     def test_horizon_breaches_hand_example(self) -> None:

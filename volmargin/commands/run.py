@@ -11,10 +11,6 @@ from rich.table import Table
 from volmargin.commands._common import console, stage_progress, user_errors
 
 
-def _pct(x: object) -> str:
-    return "–" if x is None else f"{100 * float(x):+.1f}%"  # type: ignore[arg-type]
-
-
 def _execute(config: Path, out: Path, mode: str) -> None:
     from volmargin.config import load_config
     from volmargin.run import run_job
@@ -23,35 +19,36 @@ def _execute(config: Path, out: Path, mode: str) -> None:
     with stage_progress() as progress:
         result = run_job(cfg, out, mode=mode, config_path=config, progress=progress)
     s = result.summary
-    table = Table(title="Held-out headline: change against the static frontier at equal collateral (negative is fewer)")
-    for col in ("asset", "policy", "liquidations", "bad debt", "avg collateral", "liq. change", "bad-debt change",
-                "share of bound (liq.)", "share of bound (bad debt)", "5d IM increase", "zone"):
-        table.add_column(col, justify="left" if col in ("asset", "policy", "zone") else "right", no_wrap=True)
+    table = Table(title="Held-out headline at each capital budget (frozen setting): liquidations / bad debt (USD) "
+                        "at each policy's own collateral; share = (static - policy) / (static - bound)")
+    for col in ("asset", "budget", "best static pair", "static", "bound", "predictive", "share", "ewma_ccp",
+                "garch_fhs", "verdict"):
+        table.add_column(col, justify="left" if col in ("asset", "best static pair", "verdict") else "right",
+                         no_wrap=True)
+
+    def cell(v: dict | None) -> str:
+        if not v:
+            return "–"
+        return f"{v.get('liquidations')} / {float(v.get('bad_debt') or 0):,.0f} @ {100 * float(v.get('avg_collateral') or 0):.1f}%"
+
     for asset, a in s["assets"].items():
-        for pol in ("ewma_ccp", "garch_fhs", "predictive", "oracle_vol", "bound_liquidations", "bound_bad_debt"):
-            c = dict(a["comparison"].get(f"{pol}_vs_best_static", {}))
-            if pol.startswith("bound_"):
-                # the bound is run once per objective: each row shows the change of its own objective
-                whole = a["comparison"].get("bound_vs_best_static", {})
-                mine = pol.removeprefix("bound_")
-                c = {f"{mine}_change": whole.get(f"{mine}_change"), f"share_of_bound_{mine}": 1.0}
-            p = a["policies"].get(pol, {})
-            if not p:
-                continue
-            share_l, share_b = c.get("share_of_bound_liquidations"), c.get("share_of_bound_bad_debt")
+        for b, e in a["budgets"].items():
+            st = e.get("best_static") or {}
+            pred = e.get("predictive") or {}
+            share = pred.get("share_of_bound")
+            bound = (e.get("bound") or {}).get("liquidations")
             table.add_row(
-                asset, pol, str(p.get("liquidations", "–")), f"{p.get('bad_debt', float('nan')):,.0f}",
-                f"{100 * p.get('avg_collateral', float('nan')):.2f}%", _pct(c.get("liquidations_change")),
-                _pct(c.get("bad_debt_change")), "–" if share_l is None else f"{share_l:.2f}",
-                "–" if share_b is None else f"{share_b:.2f}", f"{100 * p.get('max_im_increase_5d', float('nan')):.0f}%",
-                str(p.get("traffic_light") or "–"),
+                asset, f"{100 * float(b):g}%",
+                f"IM {100 * st['im']:.1f}% MM {100 * st['mm']:.1f}%" if st else "none",
+                cell(st), "–" if bound is None else f"{bound:,.0f}", cell(pred),
+                "–" if share is None else f"{share:.2f}", cell(e.get("ewma_ccp")), cell(e.get("garch_fhs")),
+                "met" if (e.get("checks") or {}).get("met") else "not met",
             )
-    (console if console.is_terminal else Console(width=160)).print(table)
-    for key, v in s["comparison"].items():
-        console.print(
-            f"[bold]{key}[/] (pooled over {v['n_assets']} assets): liquidations {_pct(v['liquidations_change'])}, "
-            f"bad debt {_pct(v['bad_debt_change'])}"
-        )
+    (console if console.is_terminal else Console(width=200)).print(table)
+    h = s["headline"]
+    console.print(f"[bold]headline[/]: share of the bound min {h['share_of_bound_min']}, mean "
+                  f"{h['share_of_bound_mean']} ({h['shares_undefined']} undefined); budgets met "
+                  f"{h['budgets_met']} of {h['budgets_total']}")
     from volmargin.report import verdict, verdict_tally
 
     rows = verdict(s)
