@@ -49,7 +49,7 @@ def _optional(module: str) -> None:
     mod.register(app)
 
 
-for _m in ("train", "margin", "run", "serve"):
+for _m in ("train", "margin", "run", "serve", "stress"):
     _optional(_m)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("data_pipelines", "models", "training", "margin", "backtest", "serving", "volmargin")
+PACKAGES = ("data_pipelines", "models", "training", "margin", "backtest", "stress", "serving", "volmargin")
 LINT = Path(sys.executable).with_name("lint-imports")
 
 
@@ -60,6 +60,8 @@ def tree_copy(tmp_path_factory):
     [
         ("margin/policies.py", "import backtest.simulation", "margin imports only models and data_pipelines"),
         ("backtest/fit.py", "import training.metrics", "backtest never imports training"),
+        ("stress/cascade.py", "import training.metrics", "stress never imports training"),
+        ("backtest/headline.py", "import stress.cascade", "Stages import only earlier stages"),
         ("models/ewma.py", "import margin.controls", "models imports neither"),
         ("data_pipelines/features.py", "import models.base", "Stages import only earlier stages"),
         ("training/metrics.py", "import margin.controls", "Stages import only earlier stages"),

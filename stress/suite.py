@@ -1,0 +1,296 @@
+"""The stress suite of configs/stress.yaml: scenarios × policies, contagion across venues, reverse stress.
+
+:func:`load_settings` validates the YAML mapping (errors name the field and the value); :func:`run_suite`
+returns the content of ``stress.json``::
+
+    {"scenarios": {<scenario>: {"kind", "meta", "policies": {<policy>: {cascade_depth, liquidated_notional,
+      impact_from_liquidations, bad_debt, fund_min, cover2_ok, self_inflicted_share, details}}, "ranking"}},
+     "reverse_stress": {<policy>: {"shock_size", ...}}, "headline": {...}, "settings": {...}}
+
+plus the per-bar series for the report (``series``, not part of the JSON). A policy's rank in a scenario
+orders by liquidated notional, then bad debt (less is better): the policy that amplifies the cascade least.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from backtest.population import PopulationConfig
+from backtest.simulation import BacktestConfig
+from data_pipelines.pipeline import prepare_dataset
+from margin.controls import Controls
+from margin.params import LiquidationSettings
+from margin.policies import PolicyContext
+from stress.agents import AgentConfig
+from stress.cascade import CascadeConfig
+from stress.compare import PolicySpec, build_policy, forecast_for, reverse_stress, stress_policy
+from stress.impact import ImpactModel, Oracle
+from stress.scenarios import (
+    Scenario,
+    calm_start,
+    joint_prices,
+    largest_daily_crashes,
+    shock_drop,
+    vol_multiply,
+    worst_intraday_drop,
+)
+from stress.venues import VenueConfig, run_contagion
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StressSettings", "load_settings", "run_suite", "build_scenarios"]
+
+Progress = Callable[[str, int, int], None]
+
+
+def _sub(d: Mapping[str, Any], key: str) -> dict[str, Any]:
+    v = d.get(key) or {}
+    if not isinstance(v, Mapping):
+        raise ValueError(f"stress config: {key} must be a mapping, got {v!r}")
+    return dict(v)
+
+
+def _make(cls: type, d: Mapping[str, Any], where: str) -> Any:
+    valid = {f.name for f in fields(cls)}
+    unknown = set(d) - valid
+    if unknown:
+        raise ValueError(f"stress config: {where} has unknown keys {sorted(unknown)}; valid: {sorted(valid)}")
+    try:
+        return cls(**d)
+    except TypeError as exc:
+        raise ValueError(f"stress config: {where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class StressSettings:
+    """Validated configs/stress.yaml (see docs/stress.md for every key)."""
+
+    name: str
+    population: PopulationConfig
+    cascade: CascadeConfig
+    controls: Controls
+    policies: tuple[PolicySpec, ...]
+    scenarios: dict[str, Any]
+    reverse: dict[str, Any]
+    venues: VenueConfig
+    feedback_rounds: int = 1
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def load_settings(d: Mapping[str, Any]) -> StressSettings:
+    """Build :class:`StressSettings` from the YAML mapping."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"stress config must be a mapping, got {type(d).__name__}")
+    known = {"name", "population", "backtest", "liquidation", "controls", "impact", "oracle", "agents", "max_waves",
+             "feedback_rounds", "policies", "scenarios", "reverse", "venues", "tracking"}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"stress config has unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+    liq = _make(LiquidationSettings, _sub(d, "liquidation"), "liquidation")
+    bt = _make(BacktestConfig, {**_sub(d, "backtest"), "liquidation": liq}, "backtest")
+    ccfg = CascadeConfig(backtest=bt, impact=_make(ImpactModel, _sub(d, "impact"), "impact"),
+                         oracle=_make(Oracle, _sub(d, "oracle"), "oracle"),
+                         agents=_make(AgentConfig, _sub(d, "agents"), "agents"),
+                         max_waves=int(d.get("max_waves", 100)))
+    pols = d.get("policies")
+    if not isinstance(pols, list) or not pols:
+        raise ValueError(f"stress config: policies must be a non-empty list, got {pols!r}")
+    specs = tuple(PolicySpec.from_dict(p, i) for i, p in enumerate(pols))
+    names = [s.name for s in specs]
+    dup = sorted({x for x in names if names.count(x) > 1})
+    if dup:
+        raise ValueError(f"stress config: policies has duplicate names {dup}")
+    fb = d.get("feedback_rounds", 1)
+    if not isinstance(fb, int) or fb < 0:
+        raise ValueError(f"stress config: feedback_rounds must be an integer >= 0, got {fb!r}")
+    venues = _sub(d, "venues")
+    if "liquidation" in venues:
+        venues["liquidation"] = _make(LiquidationSettings, venues["liquidation"], "venues.liquidation")
+    return StressSettings(
+        name=str(d.get("name", "stress")),
+        population=PopulationConfig.from_dict(_sub(d, "population")),
+        cascade=ccfg, controls=Controls.from_dict(_sub(d, "controls")), policies=specs,
+        scenarios=_sub(d, "scenarios"), reverse=_sub(d, "reverse"), venues=_make(VenueConfig, venues, "venues"),
+        feedback_rounds=fb, raw=dict(d),
+    )
+
+
+def build_scenarios(sc: Mapping[str, Any]) -> tuple[list[tuple[Scenario, dict[str, Any]]], dict[str, Scenario]]:
+    """Single-market scenarios (with their population overrides) and the named bases for reverse stress."""
+    out: list[tuple[Scenario, dict[str, Any]]] = []
+    bases: dict[str, Scenario] = {}
+    if "daily_crashes" in sc:
+        c = dict(sc["daily_crashes"])
+        ov = dict(c.pop("population", {}) or {})
+        bars = prepare_dataset(c.pop("source", "bundled:bitstamp/BTC")).bars
+        for s in largest_daily_crashes(bars, **c):
+            out.append((s, ov))
+    if "intraday" in sc:
+        c = dict(sc["intraday"])
+        ov = dict(c.pop("population", {}) or {})
+        bars = prepare_dataset(c.pop("source", "bundled:tsd/BTC-15m")).bars
+        s = worst_intraday_drop(bars, **c)
+        out.append((s, ov))
+    if "hypothetical" in sc:
+        c = dict(sc["hypothetical"])
+        ov = dict(c.pop("population", {}) or {})
+        bars = prepare_dataset(c.pop("source", "bundled:tsd/BTC-15m")).bars
+        lead, tail = int(c.pop("lead", 192)), int(c.pop("tail", 96))
+        i = calm_start(bars, lead=lead, tail=tail)
+        base = Scenario(name="calm_base", kind="hypothetical", bars=bars.iloc[: i + tail + 1][["open", "high", "low", "close", "volume"]],
+                        start=i - lead, shock=i, end=i + tail, meta={"time": str(bars.index[i])})
+        bases["hypothetical"] = base
+        drop = c.pop("drop", None)
+        if drop:
+            out.append((shock_drop(base, float(drop["size"]), int(drop["bars"]),
+                                   name=f"drop_{round(100 * float(drop['size']))}pct_{int(drop['bars'])}bars"), ov))
+        vf = c.pop("vol_factor", None)
+        if vf:
+            out.append((vol_multiply(base, float(vf)), ov))
+        if c:
+            raise ValueError(f"stress config: scenarios.hypothetical has unknown keys {sorted(c)}")
+    return out, bases
+
+
+def _contagion(sc: Mapping[str, Any], s: StressSettings, policies: Mapping[str, Any],
+               progress: Progress | None) -> dict[str, Any]:
+    c = dict(sc)
+    btc = prepare_dataset(c.pop("btc", "bundled:bitstamp/BTC")).bars
+    eth = prepare_dataset(c.pop("eth", "bundled:coinbase-pro/ETH")).bars
+    lead, tail = int(c.pop("lead", 30)), int(c.pop("tail", 10))
+    cases = c.pop("cases", {})
+    if c:
+        raise ValueError(f"stress config: scenarios.contagion has unknown keys {sorted(c)}")
+    joint = pd.concat({"BTC": btc["close"], "ETH": eth["close"]}, axis=1, join="inner")
+    r = joint["BTC"].pct_change().to_numpy().copy()
+    r[: max(lead, 120)] = np.inf
+    r[len(r) - tail:] = np.inf
+    shock = int(np.argmin(r))
+    out: dict[str, Any] = {}
+    for case, spec in cases.items():
+        spec = dict(spec or {})
+        outage = spec.pop("bridge_outage", False)
+        pr = joint_prices(joint["BTC"], joint["ETH"], shock, **spec)
+        window = pr.iloc[shock - lead: shock + tail + 1]
+        k0 = lead
+        vcfg = replace(s.venues, bridge_outage_bar=k0 if outage else None)
+        res_p: dict[str, Any] = {}
+        for name, pol in policies.items():
+            rates = {}
+            for a, src in (("BTC", btc), ("ETH", eth)):
+                b = src.loc[src.index <= window.index[-1]].copy()
+                b.loc[window.index, "close"] = window[a].to_numpy()
+                k = int(b.index.get_indexer([window.index[0]])[0])
+                fc, _ = forecast_for(b, k)
+                path = pol.path(PolicyContext(bars=b, forecast=fc, controls=s.controls))
+                pos = b.index.get_indexer(window.index)
+                rates[a] = (path.im_rate[pos], path.mm_rate[pos])
+            res = run_contagion(window, rates, vcfg, s.cascade.impact)
+            frozen = {a: (np.where(np.arange(len(window)) >= k0, im[k0 - 1], im),
+                          np.where(np.arange(len(window)) >= k0, mm[k0 - 1], mm)) for a, (im, mm) in rates.items()}
+            res_f = run_contagion(window, frozen, vcfg, s.cascade.impact)
+            liq = res.liquidated_notional
+            res_p[name] = {
+                "cascade_depth": res.cascade_depth, "liquidated_notional": liq,
+                "impact_from_liquidations": res.impact_from_liquidations, "bad_debt": res.bad_debt,
+                "fund_min": res.fund_min, "cover2_ok": bool(res.cover2_fund >= res.cover2_need),
+                "self_inflicted_share": max(liq - res_f.liquidated_notional, 0.0) / liq if liq > 0 else 0.0,
+                "details": {"perp_liquidated_notional": res.perp_liquidated_notional,
+                            "lending_liquidated_notional": res.lending_liquidated_notional,
+                            "perp_bad_debt": res.perp_bad_debt, "lending_bad_debt": res.lending_bad_debt,
+                            "cover2_need": res.cover2_need, "conservation": res.conservation()},
+                "series": res.series,
+            }
+        out[f"contagion_{case}"] = {"kind": "contagion", "meta": {"shock": str(joint.index[shock]), **spec,
+                                                                  "bridge_outage": bool(outage)}, "policies": res_p}
+        if progress:
+            progress("contagion", len(out), len(cases))
+    return out
+
+
+def _ranking(per_policy: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    return sorted(per_policy, key=lambda p: (per_policy[p]["liquidated_notional"], per_policy[p]["bad_debt"], p))
+
+
+def run_suite(s: StressSettings, progress: Progress | None = None) -> dict[str, Any]:
+    """Run every scenario for every policy, the contagion cases and the reverse stress test."""
+    scen, bases = build_scenarios({k: v for k, v in s.scenarios.items() if k != "contagion"})
+    results: dict[str, Any] = {}
+    pol_cache: dict[tuple[str, str, str], Any] = {}
+    first_policies: dict[str, Any] = {}
+    for i, (scn, ov) in enumerate(scen):
+        pop_cfg = s.population.with_(**ov) if ov else s.population
+        per: dict[str, Any] = {}
+        for spec in s.policies:
+            key = (spec.name, str(scn.bars.index[0]), str(scn.bars.index[scn.start]))
+            if key not in pol_cache:
+                pol_cache[key] = build_policy(spec, scn, pop_cfg, s.cascade, s.controls)
+            pol = pol_cache[key]
+            first_policies.setdefault(spec.name, pol)
+            per[spec.name] = stress_policy(scn, pol, pop_cfg, s.cascade, s.controls, s.feedback_rounds)
+        results[scn.name] = {"kind": scn.kind, "meta": scn.meta, "policies": per, "ranking": _ranking(per)}
+        if progress:
+            progress("scenarios", i + 1, len(scen))
+    if "contagion" in s.scenarios:
+        cont = _contagion(s.scenarios["contagion"], s, first_policies, progress)
+        for v in cont.values():
+            v["ranking"] = _ranking(v["policies"])
+        results.update(cont)
+    reverse: dict[str, Any] = {}
+    if s.reverse:
+        rv = dict(s.reverse)
+        base = bases.get(str(rv.pop("base", "hypothetical")))
+        if base is None:
+            raise ValueError(f"stress config: reverse.base must name a scenario group with a base (hypothetical), "
+                             f"got {s.reverse.get('base')!r}")
+        ov = dict(s.scenarios.get("hypothetical", {}).get("population", {}) or {})
+        pop_cfg = s.population.with_(**ov) if ov else s.population
+        for j, spec in enumerate(s.policies):
+            key = (spec.name, str(base.bars.index[0]), str(base.bars.index[base.start]))
+            pol = pol_cache.get(key) or build_policy(spec, base, pop_cfg, s.cascade, s.controls)
+            reverse[spec.name] = reverse_stress(base, pol, pop_cfg, s.cascade, s.controls, **rv)
+            if progress:
+                progress("reverse stress", j + 1, len(s.policies))
+    return {"scenarios": results, "reverse_stress": reverse, "headline": headline(results, reverse)}
+
+
+def headline(results: Mapping[str, Any], reverse: Mapping[str, Any]) -> dict[str, Any]:
+    """Which policy amplifies cascades least: the best mean rank over the scenarios (ties: total liquidated
+    notional), with its wins, its liquidated notional against the others' and the reverse-stress sizes."""
+    wins: dict[str, int] = {}
+    ranks: dict[str, list[int]] = {}
+    total: dict[str, float] = {}
+    bad: dict[str, float] = {}
+    self_inf: dict[str, list[float]] = {}
+    for r in results.values():
+        if r["ranking"]:
+            wins[r["ranking"][0]] = wins.get(r["ranking"][0], 0) + 1
+        for i, p in enumerate(r["ranking"]):
+            ranks.setdefault(p, []).append(i + 1)
+        for p, m in r["policies"].items():
+            total[p] = total.get(p, 0.0) + float(m["liquidated_notional"])
+            bad[p] = bad.get(p, 0.0) + float(m["bad_debt"])
+            self_inf.setdefault(p, []).append(float(m["self_inflicted_share"]))
+    if not total:
+        return {}
+    mean_rank = {p: float(np.mean(v)) for p, v in ranks.items()}
+    best = min(total, key=lambda p: (mean_rank[p], total[p]))
+    others = ", ".join(f"{p} {mean_rank[p]:.2f} ({total[p]:,.0f} USD)" for p in sorted(total, key=lambda p: mean_rank[p])
+                       if p != best)
+    return {
+        "least_amplifying": best,
+        "mean_rank": mean_rank,
+        "wins": wins,
+        "total_liquidated_notional": total,
+        "total_bad_debt": bad,
+        "mean_self_inflicted_share": {p: float(np.mean(v)) for p, v in self_inf.items()},
+        "reverse_stress_shock": {p: v.get("shock_size") for p, v in reverse.items()},
+        "statement": (f"{best} amplifies cascades least: mean rank {mean_rank[best]:.2f} over {len(results)} scenarios, "
+                      f"first in {wins.get(best, 0)}, {total[best]:,.0f} USD liquidated in all (others: {others})"),
+    }

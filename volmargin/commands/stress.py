@@ -1,0 +1,42 @@
+"""``volmargin stress --config configs/stress.yaml --out DIR``: cascades, contagion and reverse stress per policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from volmargin.commands._common import console, stage_progress, user_errors
+
+
+@user_errors
+def stress(
+    config: Path = typer.Option(..., "--config", "-c", help="Stress config (YAML), e.g. configs/stress.yaml."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (stress.json, stress_report.html)."),
+    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Do not log to MLflow."),
+) -> None:
+    """Stress every margin policy: liquidation cascades, contagion across venues, reverse stress."""
+    from volmargin.stress_job import KEYS, run_stress_job
+
+    with stage_progress() as progress:
+        res = run_stress_job(config, out, progress=progress, log_mlflow=not no_mlflow)
+    s = res.summary
+    table = Table(title="Stress: per scenario, policies ranked by liquidated notional (least amplifying first)")
+    for col in ("scenario", "policy", *KEYS):
+        table.add_column(col, justify="left" if col in ("scenario", "policy") else "right", no_wrap=True)
+    for name, sc in s["scenarios"].items():
+        for p in sc["ranking"]:
+            m = sc["policies"][p]
+            table.add_row(name, p, *(str(m[k]) if isinstance(m[k], bool | int) or m[k] is None else f"{m[k]:,.3g}"
+                                     for k in KEYS))
+    console.print(table)
+    console.print(f"[bold]{s.get('headline', {}).get('statement', '')}[/]", soft_wrap=True)
+    console.print(f"stress.json: {res.json_path}\nreport: {res.report_path}")
+    if res.run_id:
+        console.print(f"MLflow: {res.tracking_uri} (run {res.run_id}); {res.seconds:.0f}s")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``stress`` to the CLI."""
+    app.command("stress")(stress)

@@ -1,0 +1,227 @@
+"""The stress job: configs/stress.yaml -> ``DIR/stress.json`` + ``DIR/stress_report.html``, logged to MLflow.
+
+:func:`run_stress_job` validates the config (:func:`stress.suite.load_settings`), runs the suite
+(:func:`stress.suite.run_suite`), writes the JSON and the standalone HTML report atomically, and logs one
+MLflow run (params: the flattened config; metrics: every scenario × policy number; artifacts: config, JSON,
+report). Only this process writes to MLflow. The report shows the cascade paths (mark price against the
+exogenous price, insurance fund) per scenario, the per-scenario policy ranking, the reverse-stress shock
+sizes and the headline: which policy amplifies cascades least, with numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from data_pipelines.atomic import atomic_write_text
+from stress.suite import load_settings, run_suite
+from training.tracking import resolve_tracking_uri
+from volmargin.report import finite_or_none
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StressJobResult", "run_stress_job", "to_json", "render_stress_report"]
+
+KEYS = ("cascade_depth", "liquidated_notional", "impact_from_liquidations", "bad_debt", "fund_min", "cover2_ok",
+        "self_inflicted_share")
+
+
+@dataclass(frozen=True)
+class StressJobResult:
+    json_path: Path
+    report_path: Path
+    run_id: str | None
+    tracking_uri: str | None
+    seconds: float
+    summary: dict[str, Any]
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _clean(v) for k, v in x.items() if not isinstance(v, pd.DataFrame)}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return x
+    if hasattr(x, "item"):
+        x = x.item()
+    if isinstance(x, int):
+        return x
+    if isinstance(x, float):
+        return finite_or_none(x)
+    return str(x)
+
+
+def to_json(out: Mapping[str, Any]) -> dict[str, Any]:
+    """``stress.json`` content: the suite's output without the per-bar series; NaN/inf become null."""
+    return _clean(out)
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _paths_plot(name: str, sc: Mapping[str, Any]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pols = sc["policies"]
+    frames = {p: m.get("series") for p, m in pols.items() if isinstance(m.get("series"), pd.DataFrame)}
+    if not frames:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.4))
+    first = next(iter(frames.values()))
+    if "exog_close" in first:
+        axes[0].plot(first.index, first["exog_close"], color="black", lw=1.2, label="without liquidations")
+        for p, f in frames.items():
+            axes[0].plot(f.index, f["mark_close"], lw=1, label=p)
+        axes[0].set_title(f"{name}: price (USD)")
+        for p, f in frames.items():
+            axes[1].plot(f.index, f["fund"], lw=1, label=p)
+        axes[1].set_title("insurance fund (USD)")
+        for p, f in frames.items():
+            axes[2].plot(f.index, f["im"], lw=1, label=p)
+        axes[2].set_title("IM for new positions")
+    else:  # contagion: BTC price and fund
+        for p, f in frames.items():
+            axes[0].plot(f.index, f["BTC"], lw=1, label=p)
+            axes[1].plot(f.index, f["fund"], lw=1, label=p)
+            axes[2].plot(f.index, f["debt"], lw=1, label=p)
+        axes[0].set_title(f"{name}: BTC after impact (USD)")
+        axes[1].set_title("perp insurance fund (USD)")
+        axes[2].set_title("lending debt outstanding (USD)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    axes[0].legend(fontsize=7)
+    return _png(fig)
+
+
+def _fmt(k: str, v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "<b>no</b>"
+    f = finite_or_none(v)
+    if f is None:
+        return "n/a"
+    if k in ("impact_from_liquidations", "self_inflicted_share"):
+        return f"{100 * f:.1f}%"
+    if k == "cascade_depth":
+        return str(int(f))
+    return f"{f:,.0f}"
+
+
+def _shock(x: Any) -> str:
+    return "not emptied" if x is None else f"{100 * float(x):.1f}%"
+
+
+def render_stress_report(out: Mapping[str, Any], title: str = "Stress test") -> str:
+    """Standalone HTML (plots as base64 PNG, no external resources)."""
+    h = out.get("headline", {})
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+             "body{font-family:sans-serif;margin:24px;max-width:1400px}table{border-collapse:collapse;margin:8px 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}"
+             "td:first-child{text-align:left}.head{background:#eef6ee;padding:10px;border:1px solid #9c9}"
+             "</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    if h:
+        parts.append(f"<p class='head'><b>Headline.</b> {html.escape(h.get('statement', ''))}. Ranking per scenario: "
+                     "least liquidated notional first (ties: bad debt); the least amplifying policy has the best mean "
+                     "rank.</p>")
+        rows = "".join(
+            f"<tr><td>{html.escape(p)}</td><td>{h['wins'].get(p, 0)}</td><td>{h['total_liquidated_notional'][p]:,.0f}</td>"
+            f"<td>{h['total_bad_debt'][p]:,.0f}</td><td>{100 * h['mean_self_inflicted_share'][p]:.1f}%</td>"
+            f"<td>{_shock(h['reverse_stress_shock'].get(p))}</td></tr>"
+            for p in sorted(h["total_liquidated_notional"], key=lambda p: h["total_liquidated_notional"][p]))
+        parts.append("<table><tr><th>policy</th><th>scenarios ranked first</th><th>liquidated notional (USD, all)</th>"
+                     "<th>bad debt (USD, all)</th><th>mean self-inflicted share</th><th>reverse stress: drop that "
+                     f"empties the fund</th></tr>{rows}</table>")
+    for name, sc in out.get("scenarios", {}).items():
+        parts.append(f"<h2>{html.escape(name)} <small>({html.escape(str(sc.get('kind')))})</small></h2>")
+        meta = {k: v for k, v in sc.get("meta", {}).items() if not isinstance(v, dict)}
+        parts.append(f"<p>{html.escape(json.dumps(_clean(meta)))}</p>")
+        head = "".join(f"<th>{k}</th>" for k in KEYS)
+        body = "".join(
+            f"<tr><td>{i + 1}. {html.escape(p)}</td>" + "".join(f"<td>{_fmt(k, sc['policies'][p][k])}</td>" for k in KEYS)
+            + "</tr>" for i, p in enumerate(sc.get("ranking", sc["policies"])))
+        parts.append(f"<table><tr><th>policy (rank)</th>{head}</tr>{body}</table>")
+        img = _paths_plot(name, sc)
+        if img:
+            parts.append(f"<img alt='cascade paths {html.escape(name)}' src='data:image/png;base64,{img}'>")
+    rv = out.get("reverse_stress", {})
+    if rv:
+        parts.append("<h2>Reverse stress</h2><p>Smallest drop at the calm base's shock bar that empties the insurance"
+                     " fund (bisection).</p><table><tr><th>policy</th><th>shock size</th><th>evaluations</th></tr>")
+        for p, v in rv.items():
+            parts.append(f"<tr><td>{html.escape(p)}</td><td>{_shock(v.get('shock_size'))}</td>"
+                         f"<td>{v.get('evaluations')}</td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def _metrics(js: Mapping[str, Any]) -> dict[str, float]:
+    m: dict[str, float] = {}
+    for sc, v in js.get("scenarios", {}).items():
+        for p, r in v["policies"].items():
+            for k in KEYS:
+                x = r.get(k)
+                x = float(x) if isinstance(x, int | float) else None
+                if x is not None:
+                    m[f"{sc}.{p}.{k}"[:250]] = x
+    for p, v in js.get("reverse_stress", {}).items():
+        if v.get("shock_size") is not None:
+            m[f"reverse.{p}.shock_size"] = float(v["shock_size"])
+    return m
+
+
+def run_stress_job(config: str | Path, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None,
+                   tracking_uri: str | None = None, log_mlflow: bool = True) -> StressJobResult:
+    """Run configs/stress.yaml, write ``stress.json`` and ``stress_report.html`` in ``out_dir``, log to MLflow."""
+    t0 = time.perf_counter()
+    config = Path(config)
+    if not config.is_file():
+        raise FileNotFoundError(f"stress config {str(config)!r} does not exist")
+    raw = yaml.safe_load(config.read_text())
+    settings = load_settings(raw)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res = run_suite(settings, progress=progress)
+    js = to_json({**res, "settings": {"config": str(config), "config_hash": hashlib.sha256(config.read_bytes()).hexdigest()}})
+    jp = atomic_write_text(out / "stress.json", json.dumps(js, indent=2, sort_keys=False))
+    rp = atomic_write_text(out / "stress_report.html", render_stress_report(res, f"Stress test: {settings.name}"))
+    run_id = uri = None
+    if log_mlflow:
+        import mlflow
+
+        tr = raw.get("tracking") or {}
+        uri = resolve_tracking_uri(tracking_uri or tr.get("uri"))
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(str(tr.get("experiment", settings.name)))
+        with mlflow.start_run(run_name=f"{settings.name}-stress", tags={"job": "stress"}) as run:
+            run_id = run.info.run_id
+            flat = pd.json_normalize({k: v for k, v in raw.items() if k != "policies"}, sep=".").iloc[0].to_dict()
+            mlflow.log_params({k[:250]: str(v)[:500] for k, v in list(flat.items())[:400]})
+            mlflow.log_param("policies", ",".join(s.name for s in settings.policies))
+            mlflow.log_metrics(_metrics(js))
+            mlflow.set_tag("least_amplifying", str(js.get("headline", {}).get("least_amplifying")))
+            for p in (config, jp, rp):
+                mlflow.log_artifact(str(p))
+    return StressJobResult(json_path=jp, report_path=rp, run_id=run_id, tracking_uri=uri,
+                           seconds=time.perf_counter() - t0, summary=js)
