@@ -56,8 +56,7 @@ class HeadlineSettings:
                                  MmRule("fixed", 0.035), MmRule("fixed", 0.05), MmRule("fixed", 0.08))
     #: at the budgets after the first fitted one, only these are searched (warm start from the neighbour's fit)
     refit: Mapping[str, tuple[Any, ...]] = field(default_factory=lambda: {
-        "power": (0.0, 0.5, 1.0), "mm_k": (0.0, 0.5, 1.5, 3.0), "mm_floor": (0.0, 0.035, 0.05, 0.08),
-        "mm_fraction": (None, 0.25, 0.5)})
+        "power": (0.0, 0.5, 1.0), "mm_k": (0.0, 0.5, 1.5, 3.0), "mm_fraction": (None, 0.25, 0.5)})
     fit: Mapping[str, Any] = field(default_factory=dict)
     increase_cap: str | float | None = "ewma_ccp"
 
