@@ -17,10 +17,12 @@ For one scenario and one policy (:func:`stress_policy`):
 :func:`reverse_stress` bisects the size of an instantaneous drop at the shock for the smallest one that
 empties the insurance fund (``fund_min <= 0``) under a policy.
 
-Policy kinds (:data:`POLICY_KINDS`): ``static`` (an (IM, MM) pair; ``budget`` = the average IM the other
-policies are compared at), ``ewma_ccp``, ``garch_fhs``, ``predictive`` (given parameters, or ``fit``:
-:func:`backtest.fit.fit_predictive` on the bars before the window); a new kind (the dynamic portfolio grid of
-issue 12) is one builder added with :func:`register_policy_kind`.
+Policy kinds (:data:`POLICY_KINDS`): ``static`` (the best (IM, MM) pair at the capital budget, or a given
+``params.im``), ``ewma_ccp``, ``garch_fhs``, ``predictive`` (given parameters, or ``fit``:
+:func:`backtest.fit.fit_predictive` at the budget on the bars before the window); a new kind (the dynamic
+portfolio grid of issue 12) is one builder added with :func:`register_policy_kind`. :func:`build_policy` builds
+a policy from the bars before the window and brings it to the capital budget (:mod:`stress.budget`), so the
+policies of a comparison lock the same average collateral before the window.
 """
 
 from __future__ import annotations
@@ -36,18 +38,26 @@ import pandas as pd
 
 from backtest.factory import make_policy
 from backtest.fit import fit_predictive
-from backtest.population import Population, PopulationConfig, generate_population
+from backtest.population import Population, PopulationConfig
 from margin.controls import Controls
 from margin.path import MarginPath
 from margin.policies import PolicyContext, StaticPolicy
 from models.base import VolatilityForecast
 from models.garch import ArchForecaster
+from stress.budget import (
+    BudgetSettings,
+    Calibration,
+    ScaledPolicy,
+    bring_to_budget,
+    calibration,
+    place_population,
+)
 from stress.cascade import CascadeConfig, CascadeResult, run_cascade
 from stress.scenarios import Scenario, shock_drop
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PolicySpec", "POLICY_KINDS", "register_policy_kind", "build_policy", "place_population", "freeze_path",
+__all__ = ["PolicySpec", "POLICY_KINDS", "register_policy_kind", "build_policy", "freeze_path",
            "cover2", "stress_policy", "reverse_stress", "KEYS"]
 
 #: The metrics stress.json holds per scenario and policy.
@@ -57,66 +67,77 @@ KEYS: tuple[str, ...] = ("cascade_depth", "liquidated_notional", "impact_from_li
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """One entry of ``policies:`` in configs/stress.yaml: ``name``, ``kind``, ``params`` and kind-specific keys."""
+    """One entry of ``policies:`` in configs/stress.yaml: ``name``, ``kind``, ``params`` and ``fit``."""
 
     name: str
     kind: str
     params: Mapping[str, Any] = field(default_factory=dict)
-    budget: float | None = None
     fit: Mapping[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], i: int = 0) -> PolicySpec:
         if not isinstance(d, Mapping):
             raise ValueError(f"policies[{i}] must be a mapping with name and kind, got {d!r}")
-        unknown = set(d) - {"name", "kind", "params", "budget", "fit"}
+        if "budget" in d:
+            raise ValueError(f"policies[{i}].budget is not a policy key (got {d['budget']!r}): the capital budget is "
+                             "the top-level budget.collateral, the same for every policy")
+        unknown = set(d) - {"name", "kind", "params", "fit"}
         if unknown:
-            raise ValueError(f"policies[{i}] has unknown keys {sorted(unknown)}; valid: name, kind, params, budget, fit")
+            raise ValueError(f"policies[{i}] has unknown keys {sorted(unknown)}; valid: name, kind, params, fit")
         kind = d.get("kind")
         if kind not in POLICY_KINDS:
             raise ValueError(f"policies[{i}].kind must be one of {sorted(POLICY_KINDS)}, got {kind!r}")
         name = str(d.get("name") or kind)
-        return cls(name=name, kind=str(kind), params=dict(d.get("params") or {}), budget=d.get("budget"),
-                   fit=d.get("fit"))
+        return cls(name=name, kind=str(kind), params=dict(d.get("params") or {}), fit=d.get("fit"))
 
 
-Builder = Callable[[PolicySpec, PolicyContext, Population, CascadeConfig], Any]
+#: builder(spec, calibration) -> policy; it sees only the bars before the window (:class:`stress.budget.Calibration`:
+#: the context with ``cut`` at the window's first bar, the pre-window population and run, the budget)
+Builder = Callable[[PolicySpec, Calibration], Any]
 
 
-def _static(spec: PolicySpec, ctx: PolicyContext, pop: Population, ccfg: CascadeConfig) -> Any:
+def _static(spec: PolicySpec, cal: Calibration) -> Any:
     p = dict(spec.params)
-    if spec.budget is not None:
-        if "im" in p:
-            raise ValueError(f"policy {spec.name!r}: give budget (the average IM) or params.im, not both")
-        p["im"] = float(spec.budget)
-    if "im" not in p:
-        raise ValueError(f"policy {spec.name!r} (static) needs params.im or budget")
-    return StaticPolicy(**p)
+    if "im" in p:
+        return StaticPolicy(**p)  # a given pair: scaled to the budget like any other policy
+    if cal.budget is None:
+        raise ValueError(f"policy {spec.name!r} (static) needs params.im or a top-level budget")
+    if p:
+        raise ValueError(f"policy {spec.name!r} (static at the budget) takes no params (got {sorted(p)}): the "
+                         "envelope chooses the pair over budget.im_grid, budget.mm_fractions and budget.mm_fixed")
+    pair, _ = cal.envelope().best_at(cal.budget, cal.settings.bad_debt_tolerance, refine_top=2)
+    if pair is None:
+        raise ValueError(f"policy {spec.name!r}: no static pair locks avg collateral {cal.budget!r} on the "
+                         f"{cal.cut - cal.start} bars before {cal.ctx.cut}")
+    return StaticPolicy(im=pair.im, mm=pair.mm)
 
 
 def _named(kind: str) -> Builder:
-    def build(spec: PolicySpec, ctx: PolicyContext, pop: Population, ccfg: CascadeConfig) -> Any:
+    def build(spec: PolicySpec, cal: Calibration) -> Any:
         return make_policy(kind, **dict(spec.params))
     return build
 
 
-def _predictive(spec: PolicySpec, ctx: PolicyContext, pop: Population, ccfg: CascadeConfig) -> Any:
+def _predictive(spec: PolicySpec, cal: Calibration) -> Any:
     if spec.fit is None:
         return make_policy("predictive", **dict(spec.params))
     kw = dict(spec.fit)
-    if spec.budget is not None:
-        kw.setdefault("target_avg_im", float(spec.budget))
-    return fit_predictive(ctx, pop, ccfg.backtest, **kw)
+    if cal.budget is not None:
+        if "target_avg_im" in kw:
+            raise ValueError(f"policy {spec.name!r}: fit.target_avg_im conflicts with the budget (average collateral "
+                             f"{cal.budget!r}); remove it")
+        kw.setdefault("target_avg_collateral", cal.budget)
+        kw.setdefault("bad_debt_allowance", cal.settings.bad_debt_tolerance)
+    return fit_predictive(cal.ctx, cal.population, cal.cfg, start=cal.ctx.bars.index[cal.start], **kw)
 
 
-#: kind -> builder(spec, fit context (cut = window start), population over the pre-window bars, config)
+#: kind -> builder(spec, calibration)
 POLICY_KINDS: dict[str, Builder] = {
     "static": _static,
     "ewma_ccp": _named("ewma_ccp"),
     "garch_fhs": _named("garch_fhs"),
     "predictive": _predictive,
 }
-
 
 def register_policy_kind(kind: str, builder: Builder) -> None:
     """Add a policy kind (e.g. issue 12's dynamic portfolio grid) to :data:`POLICY_KINDS`."""
@@ -156,18 +177,34 @@ def context(bars: pd.DataFrame, scn: Scenario, controls: Controls, model: ArchFo
 
 
 def build_policy(spec: PolicySpec, scn: Scenario, pop_cfg: PopulationConfig, ccfg: CascadeConfig,
-                 controls: Controls) -> Any:
-    """The policy of ``spec`` for ``scn``: anything fitted sees only the bars before the window."""
+                 controls: Controls, budget: BudgetSettings | None = None,
+                 calibration_bars: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """The policy of ``spec`` for ``scn`` at the capital budget, and the record of its pre-window run.
+
+    Anything fitted or scaled sees only the bars before the window (:mod:`stress.budget`).
+    """
+    budget = budget or BudgetSettings()
     ctx, _ = context(scn.bars, scn, controls, cut=True)
-    pop = generate_population(len(scn.bars), replace(pop_cfg, n_positions=min(pop_cfg.n_positions, 20_000)))
-    return POLICY_KINDS[spec.kind](spec, ctx, pop, ccfg)
-
-
-def place_population(n_bars: int, start: int, end: int, cfg: PopulationConfig) -> Population:
-    """A population drawn over the window's ``end - start + 1`` bars, placed at bar ``start`` of ``n_bars``."""
-    p = generate_population(end - start + 1, cfg)
-    return Population(open_bar=p.open_bar + start, hold_bars=p.hold_bars, side=p.side, leverage_draw=p.leverage_draw,
-                      notional=p.notional, topup_u=p.topup_u, n_bars=n_bars, cfg=cfg)
+    cal = calibration(ctx, pop_cfg, ccfg.backtest, budget, calibration_bars)
+    pol = POLICY_KINDS[spec.kind](spec, cal)
+    # how the builder already aimed at the budget; anything else is scaled by bring_to_budget
+    if spec.kind == "static" and "im" not in spec.params:
+        aim = "static_envelope"
+    elif spec.kind == "predictive" and spec.fit is not None:
+        aim = "fit"
+    else:
+        aim = "as_built"
+    pol, rec = bring_to_budget(pol, cal, aim)
+    inner = pol.policy if isinstance(pol, ScaledPolicy) else pol
+    if isinstance(inner, StaticPolicy):
+        rec["pair"] = {"im": inner.im, "mm": inner.mm, "mm_fraction": inner.mm_fraction}
+    fitted = getattr(inner, "fitted", None)
+    if isinstance(fitted, Mapping) and fitted.get("objective"):
+        rec["fit"] = {"evaluations": fitted.get("evaluations"),
+                      "fit_avg_collateral": fitted["objective"].get("avg_collateral"),
+                      "params": inner.params() if hasattr(inner, "params") else None}
+    rec["policy"] = getattr(pol, "name", spec.name)
+    return pol, rec
 
 
 def freeze_path(path: MarginPath, shock: int) -> MarginPath:

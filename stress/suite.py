@@ -3,12 +3,16 @@
 :func:`load_settings` validates the YAML mapping (errors name the field and the value); :func:`run_suite`
 returns the content of ``stress.json``::
 
-    {"scenarios": {<scenario>: {"kind", "meta", "policies": {<policy>: {cascade_depth, liquidated_notional,
-      impact_from_liquidations, bad_debt, fund_min, cover2_ok, self_inflicted_share, details}}, "ranking"}},
+    {"scenarios": {<scenario>: {"kind", "meta", "budget", "policies": {<policy>: {cascade_depth,
+      liquidated_notional, impact_from_liquidations, bad_debt, fund_min, cover2_ok, self_inflicted_share,
+      details, budget}}, "ranking"}},
      "reverse_stress": {<policy>: {"shock_size", ...}}, "headline": {...}, "settings": {...}}
 
-plus the per-bar series for the report (``series``, not part of the JSON). A policy's rank in a scenario
-orders by liquidated notional, then bad debt (less is better): the policy that amplifies the cascade least.
+plus the per-bar series for the report (``series``, not part of the JSON). Every policy of a scenario is
+brought to the capital budget (``budget.collateral``, an average collateral) on the bars before its window
+(:mod:`stress.budget`); its ``budget`` entry records the pre-window average collateral it locks. A policy's
+rank in a scenario orders by liquidated notional, then bad debt (less is better): the policy that amplifies
+the cascade least.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from margin.controls import Controls
 from margin.params import LiquidationSettings
 from margin.policies import PolicyContext
 from stress.agents import AgentConfig
+from stress.budget import BudgetSettings, collateral_spread
 from stress.cascade import CascadeConfig
 from stress.compare import PolicySpec, build_policy, forecast_for, reverse_stress, stress_policy
 from stress.impact import ImpactModel, Oracle
@@ -79,6 +84,7 @@ class StressSettings:
     scenarios: dict[str, Any]
     reverse: dict[str, Any]
     venues: VenueConfig
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
     feedback_rounds: int = 1
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -88,7 +94,7 @@ def load_settings(d: Mapping[str, Any]) -> StressSettings:
     if not isinstance(d, Mapping):
         raise ValueError(f"stress config must be a mapping, got {type(d).__name__}")
     known = {"name", "population", "backtest", "liquidation", "controls", "impact", "oracle", "agents", "max_waves",
-             "feedback_rounds", "policies", "scenarios", "reverse", "venues", "tracking"}
+             "feedback_rounds", "policies", "scenarios", "reverse", "venues", "tracking", "budget"}
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"stress config has unknown keys {sorted(unknown)}; valid: {sorted(known)}")
@@ -109,6 +115,12 @@ def load_settings(d: Mapping[str, Any]) -> StressSettings:
     fb = d.get("feedback_rounds", 1)
     if not isinstance(fb, int) or fb < 0:
         raise ValueError(f"stress config: feedback_rounds must be an integer >= 0, got {fb!r}")
+    budget = BudgetSettings.from_dict(d.get("budget"))
+    scenarios = _sub(d, "scenarios")
+    for g, v in scenarios.items():
+        cb = v.get("calibration_bars") if isinstance(v, Mapping) else None
+        if cb is not None and (isinstance(cb, bool) or not isinstance(cb, int) or cb < 10):
+            raise ValueError(f"stress config: scenarios.{g}.calibration_bars must be an integer >= 10, got {cb!r}")
     venues = _sub(d, "venues")
     if "liquidation" in venues:
         venues["liquidation"] = _make(LiquidationSettings, venues["liquidation"], "venues.liquidation")
@@ -116,30 +128,31 @@ def load_settings(d: Mapping[str, Any]) -> StressSettings:
         name=str(d.get("name", "stress")),
         population=PopulationConfig.from_dict(_sub(d, "population")),
         cascade=ccfg, controls=Controls.from_dict(_sub(d, "controls")), policies=specs,
-        scenarios=_sub(d, "scenarios"), reverse=_sub(d, "reverse"), venues=_make(VenueConfig, venues, "venues"),
-        feedback_rounds=fb, raw=dict(d),
+        scenarios=scenarios, reverse=_sub(d, "reverse"), venues=_make(VenueConfig, venues, "venues"),
+        budget=budget, feedback_rounds=fb, raw=dict(d),
     )
 
 
-def build_scenarios(sc: Mapping[str, Any]) -> tuple[list[tuple[Scenario, dict[str, Any]]], dict[str, Scenario]]:
-    """Single-market scenarios (with their population overrides) and the named bases for reverse stress."""
-    out: list[tuple[Scenario, dict[str, Any]]] = []
+#: keys of a scenario group that are not the scenario builder's: population overrides, the budget's calibration
+GROUP_KEYS = ("population", "calibration_bars")
+
+
+def build_scenarios(sc: Mapping[str, Any]) -> tuple[list[tuple[Scenario, str]], dict[str, Scenario]]:
+    """Single-market scenarios (each with its group's name: ``daily_crashes``, ``intraday``, ``hypothetical``)
+    and the named bases for reverse stress."""
+    out: list[tuple[Scenario, str]] = []
     bases: dict[str, Scenario] = {}
     if "daily_crashes" in sc:
-        c = dict(sc["daily_crashes"])
-        ov = dict(c.pop("population", {}) or {})
+        c = {k: v for k, v in sc["daily_crashes"].items() if k not in GROUP_KEYS}
         bars = prepare_dataset(c.pop("source", "bundled:bitstamp/BTC")).bars
         for s in largest_daily_crashes(bars, **c):
-            out.append((s, ov))
+            out.append((s, "daily_crashes"))
     if "intraday" in sc:
-        c = dict(sc["intraday"])
-        ov = dict(c.pop("population", {}) or {})
+        c = {k: v for k, v in sc["intraday"].items() if k not in GROUP_KEYS}
         bars = prepare_dataset(c.pop("source", "bundled:tsd/BTC-15m")).bars
-        s = worst_intraday_drop(bars, **c)
-        out.append((s, ov))
+        out.append((worst_intraday_drop(bars, **c), "intraday"))
     if "hypothetical" in sc:
-        c = dict(sc["hypothetical"])
-        ov = dict(c.pop("population", {}) or {})
+        c = {k: v for k, v in sc["hypothetical"].items() if k not in GROUP_KEYS}
         bars = prepare_dataset(c.pop("source", "bundled:tsd/BTC-15m")).bars
         lead, tail = int(c.pop("lead", 192)), int(c.pop("tail", 96))
         i = calm_start(bars, lead=lead, tail=tail)
@@ -149,10 +162,10 @@ def build_scenarios(sc: Mapping[str, Any]) -> tuple[list[tuple[Scenario, dict[st
         drop = c.pop("drop", None)
         if drop:
             out.append((shock_drop(base, float(drop["size"]), int(drop["bars"]),
-                                   name=f"drop_{round(100 * float(drop['size']))}pct_{int(drop['bars'])}bars"), ov))
+                                   name=f"drop_{round(100 * float(drop['size']))}pct_{int(drop['bars'])}bars"), "hypothetical"))
         vf = c.pop("vol_factor", None)
         if vf:
-            out.append((vol_multiply(base, float(vf)), ov))
+            out.append((vol_multiply(base, float(vf)), "hypothetical"))
         if c:
             raise ValueError(f"stress config: scenarios.hypothetical has unknown keys {sorted(c)}")
     return out, bases
@@ -218,56 +231,94 @@ def _ranking(per_policy: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return sorted(per_policy, key=lambda p: (per_policy[p]["liquidated_notional"], per_policy[p]["bad_debt"], p))
 
 
+def _group(s: StressSettings, group: str) -> tuple[PopulationConfig, int]:
+    """The population and the budget's calibration length of a scenario group (its overrides applied)."""
+    g = s.scenarios.get(group) or {}
+    ov = dict(g.get("population") or {})
+    return (s.population.with_(**ov) if ov else s.population), int(g.get("calibration_bars")
+                                                                    or s.budget.calibration_bars)
+
+
+def _budget_summary(s: StressSettings, records: Mapping[str, Mapping[str, Any]], **extra: Any) -> dict[str, Any]:
+    first = next(iter(records.values()))
+    return {"target": s.budget.collateral, "tol": s.budget.tol, "calibration": first["calibration"],
+            "pre_window_avg_collateral": {p: r["pre_window_avg_collateral"] for p, r in records.items()},
+            "spread": collateral_spread(list(records.values())), **extra}
+
+
 def run_suite(s: StressSettings, progress: Progress | None = None) -> dict[str, Any]:
-    """Run every scenario for every policy, the contagion cases and the reverse stress test."""
+    """Run every scenario for every policy (each at the capital budget before the window), the contagion cases
+    and the reverse stress test."""
     scen, bases = build_scenarios({k: v for k, v in s.scenarios.items() if k != "contagion"})
     results: dict[str, Any] = {}
-    pol_cache: dict[tuple[str, str, str], Any] = {}
-    first_policies: dict[str, Any] = {}
-    for i, (scn, ov) in enumerate(scen):
-        pop_cfg = s.population.with_(**ov) if ov else s.population
+    pol_cache: dict[tuple[str, str, str], tuple[Any, dict[str, Any]]] = {}
+    first: tuple[str, dict[str, Any], dict[str, dict[str, Any]]] | None = None
+
+    def built(spec: PolicySpec, scn: Scenario, group: str) -> tuple[Any, dict[str, Any]]:
+        # the scenarios of a group that share the bars before the window share the policies built on them
+        key = (spec.name, str(scn.bars.index[0]), str(scn.bars.index[scn.start]))
+        if key not in pol_cache:
+            pop_cfg, n_cal = _group(s, group)
+            pol_cache[key] = build_policy(spec, scn, pop_cfg, s.cascade, s.controls, s.budget, n_cal)
+        return pol_cache[key]
+
+    for i, (scn, group) in enumerate(scen):
+        pop_cfg, _ = _group(s, group)
         per: dict[str, Any] = {}
+        recs: dict[str, dict[str, Any]] = {}
+        pols: dict[str, Any] = {}
         for spec in s.policies:
-            key = (spec.name, str(scn.bars.index[0]), str(scn.bars.index[scn.start]))
-            if key not in pol_cache:
-                pol_cache[key] = build_policy(spec, scn, pop_cfg, s.cascade, s.controls)
-            pol = pol_cache[key]
-            first_policies.setdefault(spec.name, pol)
-            per[spec.name] = stress_policy(scn, pol, pop_cfg, s.cascade, s.controls, s.feedback_rounds)
-        results[scn.name] = {"kind": scn.kind, "meta": scn.meta, "policies": per, "ranking": _ranking(per)}
+            pol, rec = built(spec, scn, group)
+            pols[spec.name], recs[spec.name] = pol, rec
+            per[spec.name] = {**stress_policy(scn, pol, pop_cfg, s.cascade, s.controls, s.feedback_rounds),
+                              "budget": rec}
+        if first is None:
+            first = (scn.name, pols, recs)
+        results[scn.name] = {"kind": scn.kind, "meta": scn.meta, "budget": _budget_summary(s, recs),
+                             "policies": per, "ranking": _ranking(per)}
         if progress:
             progress("scenarios", i + 1, len(scen))
     if "contagion" in s.scenarios:
-        cont = _contagion(s.scenarios["contagion"], s, first_policies, progress)
+        if first is None:
+            raise ValueError("stress config: scenarios.contagion uses the policies of the first single-market "
+                             "scenario (daily_crashes); configure one")
+        name0, pols0, recs0 = first
+        cont = _contagion(s.scenarios["contagion"], s, pols0, progress)
         for v in cont.values():
+            for p in v["policies"]:
+                v["policies"][p]["budget"] = {**recs0[p], "calibrated_on": name0}
+            v["budget"] = _budget_summary(s, recs0, calibrated_on=name0)
             v["ranking"] = _ranking(v["policies"])
         results.update(cont)
     reverse: dict[str, Any] = {}
     if s.reverse:
         rv = dict(s.reverse)
-        base = bases.get(str(rv.pop("base", "hypothetical")))
+        base_name = str(rv.pop("base", "hypothetical"))
+        base = bases.get(base_name)
         if base is None:
             raise ValueError(f"stress config: reverse.base must name a scenario group with a base (hypothetical), "
                              f"got {s.reverse.get('base')!r}")
-        ov = dict(s.scenarios.get("hypothetical", {}).get("population", {}) or {})
-        pop_cfg = s.population.with_(**ov) if ov else s.population
+        pop_cfg, _ = _group(s, base_name)
         for j, spec in enumerate(s.policies):
-            key = (spec.name, str(base.bars.index[0]), str(base.bars.index[base.start]))
-            pol = pol_cache.get(key) or build_policy(spec, base, pop_cfg, s.cascade, s.controls)
+            pol, _ = built(spec, base, base_name)
             reverse[spec.name] = reverse_stress(base, pol, pop_cfg, s.cascade, s.controls, **rv)
             if progress:
                 progress("reverse stress", j + 1, len(s.policies))
-    return {"scenarios": results, "reverse_stress": reverse, "headline": headline(results, reverse)}
+    return {"scenarios": results, "reverse_stress": reverse,
+            "headline": headline(results, reverse, s.budget.collateral)}
 
 
-def headline(results: Mapping[str, Any], reverse: Mapping[str, Any]) -> dict[str, Any]:
+def headline(results: Mapping[str, Any], reverse: Mapping[str, Any], budget: float | None = None) -> dict[str, Any]:
     """Which policy amplifies cascades least: the best mean rank over the scenarios (ties: total liquidated
-    notional), with its wins, its liquidated notional against the others' and the reverse-stress sizes."""
+    notional), with its wins, its liquidated notional against the others' and the reverse-stress sizes; with a
+    ``budget``, the capital every policy was brought to before the windows (and the largest spread)."""
     wins: dict[str, int] = {}
     ranks: dict[str, list[int]] = {}
     total: dict[str, float] = {}
     bad: dict[str, float] = {}
     self_inf: dict[str, list[float]] = {}
+    coll: dict[str, list[float]] = {}
+    spread = 0.0
     for r in results.values():
         if r["ranking"]:
             wins[r["ranking"][0]] = wins.get(r["ranking"][0], 0) + 1
@@ -277,12 +328,23 @@ def headline(results: Mapping[str, Any], reverse: Mapping[str, Any]) -> dict[str
             total[p] = total.get(p, 0.0) + float(m["liquidated_notional"])
             bad[p] = bad.get(p, 0.0) + float(m["bad_debt"])
             self_inf.setdefault(p, []).append(float(m["self_inflicted_share"]))
+            if m.get("budget"):
+                coll.setdefault(p, []).append(float(m["budget"]["pre_window_avg_collateral"]))
+        if r.get("budget"):
+            spread = max(spread, float(r["budget"]["spread"]))
     if not total:
         return {}
     mean_rank = {p: float(np.mean(v)) for p, v in ranks.items()}
     best = min(total, key=lambda p: (mean_rank[p], total[p]))
     others = ", ".join(f"{p} {mean_rank[p]:.2f} ({total[p]:,.0f} USD)" for p in sorted(total, key=lambda p: mean_rank[p])
                        if p != best)
+    capital = ""
+    if budget is not None and coll:
+        lo = min(min(v) for v in coll.values())
+        hi = max(max(v) for v in coll.values())
+        capital = (f"At equal capital (every policy locks {100 * budget:.1f}% average collateral on the bars before "
+                   f"each window: {100 * lo:.2f}-{100 * hi:.2f}%, at most {100 * spread:.2f} points apart within a "
+                   "scenario), ")
     return {
         "least_amplifying": best,
         "mean_rank": mean_rank,
@@ -291,6 +353,9 @@ def headline(results: Mapping[str, Any], reverse: Mapping[str, Any]) -> dict[str
         "total_bad_debt": bad,
         "mean_self_inflicted_share": {p: float(np.mean(v)) for p, v in self_inf.items()},
         "reverse_stress_shock": {p: v.get("shock_size") for p, v in reverse.items()},
-        "statement": (f"{best} amplifies cascades least: mean rank {mean_rank[best]:.2f} over {len(results)} scenarios, "
-                      f"first in {wins.get(best, 0)}, {total[best]:,.0f} USD liquidated in all (others: {others})"),
+        "budget": {"target": budget, "max_spread": spread,
+                   "mean_pre_window_avg_collateral": {p: float(np.mean(v)) for p, v in coll.items()}},
+        "statement": (f"{capital}{best} amplifies cascades least: mean rank {mean_rank[best]:.2f} over "
+                      f"{len(results)} scenarios, first in {wins.get(best, 0)}, {total[best]:,.0f} USD liquidated in "
+                      f"all (others: {others})"),
     }

@@ -4,8 +4,9 @@
 (:func:`stress.suite.run_suite`), writes the JSON and the standalone HTML report atomically, and logs one
 MLflow run (params: the flattened config; metrics: every scenario × policy number; artifacts: config, JSON,
 report). Only this process writes to MLflow. The report shows the cascade paths (mark price against the
-exogenous price, insurance fund) per scenario, the per-scenario policy ranking, the reverse-stress shock
-sizes and the headline: which policy amplifies cascades least, with numbers.
+exogenous price, insurance fund) per scenario, the per-scenario policy ranking with the pre-window average
+collateral every policy was brought to (equal capital, :mod:`stress.budget`), the reverse-stress shock sizes and
+the headline: which policy amplifies cascades least at equal capital, with numbers.
 """
 
 from __future__ import annotations
@@ -132,6 +133,30 @@ def _shock(x: Any) -> str:
     return "not emptied" if x is None else f"{100 * float(x):.1f}%"
 
 
+def _how(b: Mapping[str, Any] | None) -> str:
+    """How a policy reached the budget: the static pair, the scale or the fit."""
+    if not b:
+        return ""
+    pair = b.get("pair")
+    parts = [str(b.get("method", ""))]
+    if pair:
+        parts.append(f"IM {100 * pair['im']:.2f}%" + (f", MM {100 * pair['mm']:.2f}%" if pair.get("mm") else ""))
+    if b.get("scale") is not None:
+        parts.append(f"scale {b['scale']:.3g}")
+    return "; ".join(parts)
+
+
+def _capital(sc: Mapping[str, Any]) -> str:
+    b = sc.get("budget") or {}
+    if b.get("target") is None:
+        return ""
+    cal = b.get("calibration") or {}
+    where = f" (calibrated before {b['calibrated_on']}'s window)" if b.get("calibrated_on") else ""
+    return (f"<p>Equal capital{html.escape(where)}: every policy locks {100 * b['target']:.1f}% average collateral "
+            f"on the {cal.get('bars')} bars before the window ({html.escape(str(cal.get('start')))} to "
+            f"{html.escape(str(cal.get('end')))}); spread {100 * b['spread']:.2f} points.</p>")
+
+
 def render_stress_report(out: Mapping[str, Any], title: str = "Stress test") -> str:
     """Standalone HTML (plots as base64 PNG, no external resources)."""
     h = out.get("headline", {})
@@ -144,22 +169,37 @@ def render_stress_report(out: Mapping[str, Any], title: str = "Stress test") -> 
         parts.append(f"<p class='head'><b>Headline.</b> {html.escape(h.get('statement', ''))}. Ranking per scenario: "
                      "least liquidated notional first (ties: bad debt); the least amplifying policy has the best mean "
                      "rank.</p>")
+        coll = (h.get("budget") or {}).get("mean_pre_window_avg_collateral") or {}
+
+        def pct(x: Any) -> str:
+            return "n/a" if x is None else f"{100 * x:.2f}%"
+
         rows = "".join(
-            f"<tr><td>{html.escape(p)}</td><td>{h['wins'].get(p, 0)}</td><td>{h['total_liquidated_notional'][p]:,.0f}</td>"
+            f"<tr><td>{html.escape(p)}</td><td>{h['mean_rank'].get(p, float('nan')):.2f}</td>"
+            f"<td>{h['wins'].get(p, 0)}</td><td>{h['total_liquidated_notional'][p]:,.0f}</td>"
             f"<td>{h['total_bad_debt'][p]:,.0f}</td><td>{100 * h['mean_self_inflicted_share'][p]:.1f}%</td>"
-            f"<td>{_shock(h['reverse_stress_shock'].get(p))}</td></tr>"
-            for p in sorted(h["total_liquidated_notional"], key=lambda p: h["total_liquidated_notional"][p]))
-        parts.append("<table><tr><th>policy</th><th>scenarios ranked first</th><th>liquidated notional (USD, all)</th>"
-                     "<th>bad debt (USD, all)</th><th>mean self-inflicted share</th><th>reverse stress: drop that "
-                     f"empties the fund</th></tr>{rows}</table>")
+            f"<td>{_shock(h['reverse_stress_shock'].get(p))}</td><td>{pct(coll.get(p))}</td></tr>"
+            for p in sorted(h["total_liquidated_notional"], key=lambda p: (h["mean_rank"].get(p, 0),
+                                                                           h["total_liquidated_notional"][p])))
+        parts.append("<table><tr><th>policy</th><th>mean rank</th><th>scenarios ranked first</th>"
+                     "<th>liquidated notional (USD, all)</th><th>bad debt (USD, all)</th><th>mean self-inflicted share"
+                     "</th><th>reverse stress: drop that empties the fund</th><th>pre-window avg collateral (mean)</th>"
+                     f"</tr>{rows}</table>")
     for name, sc in out.get("scenarios", {}).items():
         parts.append(f"<h2>{html.escape(name)} <small>({html.escape(str(sc.get('kind')))})</small></h2>")
         meta = {k: v for k, v in sc.get("meta", {}).items() if not isinstance(v, dict)}
-        parts.append(f"<p>{html.escape(json.dumps(_clean(meta)))}</p>")
-        head = "".join(f"<th>{k}</th>" for k in KEYS)
+        parts.append(f"<p>{html.escape(json.dumps(_clean(meta)))}</p>{_capital(sc)}")
+        head = "".join(f"<th>{k}</th>" for k in KEYS) + "<th>pre-window avg collateral</th><th>at the budget by</th>"
+
+        def cap_cells(m: Mapping[str, Any]) -> str:
+            b = m.get("budget") or {}
+            c = b.get("pre_window_avg_collateral")
+            return (f"<td>{'n/a' if c is None else f'{100 * c:.2f}%'}</td>"
+                    f"<td style='text-align:left'>{html.escape(_how(b))}</td>")
+
         body = "".join(
             f"<tr><td>{i + 1}. {html.escape(p)}</td>" + "".join(f"<td>{_fmt(k, sc['policies'][p][k])}</td>" for k in KEYS)
-            + "</tr>" for i, p in enumerate(sc.get("ranking", sc["policies"])))
+            + cap_cells(sc["policies"][p]) + "</tr>" for i, p in enumerate(sc.get("ranking", sc["policies"])))
         parts.append(f"<table><tr><th>policy (rank)</th>{head}</tr>{body}</table>")
         img = _paths_plot(name, sc)
         if img:
@@ -185,6 +225,9 @@ def _metrics(js: Mapping[str, Any]) -> dict[str, float]:
                 x = float(x) if isinstance(x, int | float) else None
                 if x is not None:
                     m[f"{sc}.{p}.{k}"[:250]] = x
+            c = (r.get("budget") or {}).get("pre_window_avg_collateral")
+            if isinstance(c, int | float):
+                m[f"{sc}.{p}.pre_window_avg_collateral"[:250]] = float(c)
     for p, v in js.get("reverse_stress", {}).items():
         if v.get("shock_size") is not None:
             m[f"reverse.{p}.shock_size"] = float(v["shock_size"])

@@ -17,11 +17,13 @@ SMALL = {
     "impact": {"kind": "sqrt", "coef": 0.3, "depth_usd": 10000000},
     "agents": {"momentum_usd": 5000, "mm_absorb": 0.2, "mm_capacity_usd": 100000},
     "feedback_rounds": 0,
-    "policies": [{"name": "static_budget", "kind": "static", "budget": 0.1, "params": {"mm_fraction": 0.5}},
+    "budget": {"collateral": 0.2, "calibration_bars": 200, "im_grid": [0.05, 0.15, 0.4], "mm_fractions": [0.5],
+               "mm_fixed": [0.03]},
+    "policies": [{"name": "static_best", "kind": "static"},
                  {"name": "ewma_ccp", "kind": "ewma_ccp"},
                  {"name": "predictive", "kind": "predictive", "params": {"level": 0.1, "power": 0.5}}],
     "scenarios": {"hypothetical": {"source": "bundled:tsd/BTC-15m", "lead": 48, "tail": 24,
-                                   "drop": {"size": 0.3, "bars": 4}},
+                                   "drop": {"size": 0.3, "bars": 4}, "calibration_bars": 300},
                   "contagion": {"lead": 20, "tail": 5, "cases": {"bridge_outage": {"bridge_outage": True, "drop": 0.1}}}},
     "reverse": {"base": "hypothetical", "shock_bars": 4, "tol": 0.1, "max_size": 0.6},
     "venues": {"n_traders": 100},
@@ -40,14 +42,19 @@ def test_stress_cli_end_to_end(tmp_path):
             "self_inflicted_share"}
     assert set(js["scenarios"]) == {"drop_30pct_4bars", "contagion_bridge_outage"}
     for sc in js["scenarios"].values():
-        assert set(sc["policies"]) == {"static_budget", "ewma_ccp", "predictive"}
+        assert set(sc["policies"]) == {"static_best", "ewma_ccp", "predictive"}
         for m in sc["policies"].values():
             assert keys <= set(m)
+            assert abs(m["budget"]["pre_window_avg_collateral"] - 0.2) <= 0.002  # equal capital before the window
+        assert sc["budget"]["spread"] <= 0.005
         assert sorted(sc["ranking"]) == sorted(sc["policies"])
-    assert set(js["reverse_stress"]) == {"static_budget", "ewma_ccp", "predictive"}
+    assert set(js["reverse_stress"]) == {"static_best", "ewma_ccp", "predictive"}
+    assert js["scenarios"]["drop_30pct_4bars"]["budget"]["calibration"]["bars"] == 300
+    assert js["scenarios"]["contagion_bridge_outage"]["budget"]["calibrated_on"] == "drop_30pct_4bars"
+    assert js["headline"]["statement"].startswith("At equal capital")
     assert js["headline"]["least_amplifying"] in js["scenarios"]["drop_30pct_4bars"]["policies"]
     html = (out / "stress_report.html").read_text()
-    assert "amplifies cascades least" in html and "data:image/png;base64," in html and "http" not in html
+    assert "amplifies cascades least" in html and "pre-window avg collateral" in html and "data:image/png;base64," in html and "http" not in html
 
 
 def test_bad_config_exit_2(tmp_path):

@@ -128,7 +128,7 @@ def test_impact_odd_monotone_capped(q, d, k):
 
 class TestSettings:
     def test_errors_name_field_and_value(self):
-        ok = {"policies": [{"name": "s", "kind": "static", "budget": 0.1}]}
+        ok = {"budget": 0.2, "policies": [{"name": "s", "kind": "static"}]}
         load_settings(ok)
         with pytest.raises(ValueError, match=r"policies\[0\].kind must be one of .* got 'grid'"):
             load_settings({"policies": [{"name": "s", "kind": "grid"}]})
@@ -137,10 +137,11 @@ class TestSettings:
         with pytest.raises(ValueError, match="stress config has unknown keys \\['polices'\\]"):
             load_settings({**ok, "polices": []})
         with pytest.raises(ValueError, match="duplicate names \\['s'\\]"):
-            load_settings({"policies": [{"name": "s", "kind": "static", "budget": 0.1}] * 2})
+            load_settings({"policies": [{"name": "s", "kind": "static"}] * 2})
 
     def test_repo_config_loads(self):
         import yaml
 
         s = load_settings(yaml.safe_load(open("configs/stress.yaml")))
         assert {p.kind for p in s.policies} == {"static", "ewma_ccp", "garch_fhs", "predictive"}
+        assert s.budget.collateral == 0.2 and s.scenarios["intraday"]["calibration_bars"] == 2880

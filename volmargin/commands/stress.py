@@ -22,14 +22,16 @@ def stress(
     with stage_progress() as progress:
         res = run_stress_job(config, out, progress=progress, log_mlflow=not no_mlflow)
     s = res.summary
-    table = Table(title="Stress: per scenario, policies ranked by liquidated notional (least amplifying first)")
-    for col in ("scenario", "policy", *KEYS):
+    table = Table(title="Stress at equal capital: per scenario, policies ranked by liquidated notional (least "
+                        "amplifying first); pre_coll = pre-window avg collateral")
+    for col in ("scenario", "policy", *KEYS, "pre_coll"):
         table.add_column(col, justify="left" if col in ("scenario", "policy") else "right", no_wrap=True)
     for name, sc in s["scenarios"].items():
         for p in sc["ranking"]:
             m = sc["policies"][p]
+            c = (m.get("budget") or {}).get("pre_window_avg_collateral")
             table.add_row(name, p, *(str(m[k]) if isinstance(m[k], bool | int) or m[k] is None else f"{m[k]:,.3g}"
-                                     for k in KEYS))
+                                     for k in KEYS), "" if c is None else f"{100 * c:.2f}%")
     console.print(table)
     console.print(f"[bold]{s.get('headline', {}).get('statement', '')}[/]", soft_wrap=True)
     console.print(f"stress.json: {res.json_path}\nreport: {res.report_path}")
