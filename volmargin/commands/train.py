@@ -1,9 +1,10 @@
-"""``volmargin train --config FILE`` and ``volmargin models list``."""
+"""``volmargin train --config FILE``, ``volmargin hpo --config FILE`` and ``volmargin models list``."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -29,10 +30,31 @@ def _fmt(x: object, digits: int = 4) -> str:
     return str(x)
 
 
+RAY_ADDRESS_HELP = (
+    "Run the tasks on Ray: a cluster address (auto, ray://head:10001) or 'local' for a Ray instance on this "
+    "machine; sets executor.backend=ray. Needs the distributed extra: pip install 'volmargin\\[distributed]'."
+)
+
+
+def executor_override(ex_cfg: Any, workers: int | None, ray_address: str | None) -> Any:
+    """``ExecutorConfig`` with the ``--workers`` / ``--ray-address`` overrides applied."""
+    update: dict[str, Any] = {}
+    if workers is not None:
+        if workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {workers}")
+        update["workers"] = workers
+    if ray_address is not None:
+        if not ray_address.strip():
+            raise ValueError("--ray-address must not be empty (e.g. auto, ray://head:10001 or local)")
+        update.update(backend="ray", address=ray_address.strip())
+    return ex_cfg.model_copy(update=update) if update else ex_cfg
+
+
 @user_errors
 def train(
     config: Path = typer.Option(..., "--config", "-c", help="Training config (YAML), e.g. configs/train_btc.yaml."),
     workers: int | None = typer.Option(None, "--workers", help="Override executor.workers."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
     """Walk-forward training and evaluation; logs to MLflow and writes artifacts/train/<run id>/evaluation.json."""
     from training.job import run_training
@@ -40,17 +62,10 @@ def train(
     from volmargin.executor import make_executor
 
     cfg = load_config(config)
-    if workers is not None:
-        if workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {workers}")
-        cfg = cfg.model_copy(update={"executor": cfg.executor.model_copy(update={"workers": workers})})
-    with stage_progress() as progress:
-        result = run_training(
-            cfg,
-            config_path=config,
-            progress=progress,
-            executor=make_executor(cfg.executor.backend, cfg.executor.workers, cfg.executor.address),
-        )
+    cfg = cfg.model_copy(update={"executor": executor_override(cfg.executor, workers, ray_address)})
+    with make_executor(cfg.executor.backend, cfg.executor.workers, cfg.executor.address) as ex, \
+            stage_progress() as progress:
+        result = run_training(cfg, config_path=config, progress=progress, executor=ex)
     df = result.held_out_table()
     table = Table(
         title="Held-out evaluation (origins from the cut on)",
@@ -83,6 +98,76 @@ def train(
             console.print(f"[bold]{ds}[/]: champion {d['champion_after']} ({verdict}); " + "; ".join(d["reasons"]))
     console.print(f"evaluation: {result.evaluation_path}")
     console.print(f"MLflow: {result.tracking_uri} (parent run {result.run_id})")
+
+
+def _hpo_config_model() -> type:
+    """``HpoSettings`` of the training stage plus where trials run (``executor``), as ``volmargin hpo`` reads it."""
+    from pydantic import Field
+
+    from training.hpo import HpoSettings
+    from volmargin.config import ExecutorConfig
+
+    class HpoConfig(HpoSettings):
+        """Configuration of ``volmargin hpo`` (``configs/hpo.yaml``)."""
+
+        executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+
+    return HpoConfig
+
+
+@user_errors
+def hpo(
+    config: Path = typer.Option(..., "--config", "-c", help="Search config (YAML), e.g. configs/hpo.yaml."),
+    workers: int | None = typer.Option(None, "--workers", help="Override executor.workers and concurrent trials."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP + " Trials then run on Ray Tune."),
+    trials: int | None = typer.Option(None, "--trials", help="Override n_trials."),
+    promote: bool = typer.Option(True, "--promote/--no-promote",
+                                 help="Put the best configuration through the training job and the promotion gate."),
+) -> None:
+    """Hyperparameter search on pre-cut walk-forward folds (Optuna locally, Ray Tune on Ray); each trial a nested
+    MLflow run; the best configuration registered as challenger through the promotion gate."""
+    from training.hpo import promote_best, run_search
+    from training.job import load_features
+    from training.tracking import resolve_tracking_uri
+    from volmargin.config import load_config
+    from volmargin.executor import make_executor
+
+    cfg = load_config(config, kind=_hpo_config_model())
+    update: dict[str, Any] = {"executor": executor_override(cfg.executor, workers, ray_address)}
+    if workers is not None:
+        update["concurrent"] = workers
+    if trials is not None:
+        if trials < max(1, len(cfg.points_to_evaluate)):
+            raise ValueError(f"--trials must be >= max(1, number of points_to_evaluate), got {trials}")
+        update["n_trials"] = trials
+    cfg = cfg.model_copy(update=update)
+    uri = resolve_tracking_uri(cfg.tracking_uri, allow_file_store=cfg.allow_file_store)
+    label, frame = load_features(cfg.dataset)
+    engine = "tune" if cfg.executor.backend == "ray" else "optuna"
+    with make_executor(cfg.executor.backend, cfg.executor.workers, cfg.executor.address) as ex, \
+            stage_progress() as progress:
+        ex.connect()
+        result = run_search(cfg, frame, engine=engine, executor=ex, tracking_uri=uri, progress=progress)
+        if promote:
+            result = promote_best(cfg, result, frame, executor=ex, label=label, progress=progress)
+    table = Table(title=f"Trials ({engine}): pre-cut QLIKE on walk-forward folds before {cfg.cut_date}")
+    df = result.table()
+    for col in df.columns:
+        table.add_column(str(col), justify="left" if col in ("error",) else "right")
+    for r in df.to_dict("records"):
+        star = " ★" if r["trial"] == result.best.number else ""
+        table.add_row(*[_fmt(v) + (star if k == "qlike_pre_cut" else "") for k, v in r.items()])
+    _table_console().print(table)
+    console.print(f"best: trial {result.best.number} {result.best_params} (pre-cut QLIKE {_fmt(result.best.score, 6)})")
+    if result.promotion is not None:
+        d = result.promotion.get("decision") or {}
+        if result.promotion["registered"]:
+            verdict = "promoted to champion" if d.get("promoted") else "registered as challenger"
+        else:
+            verdict = f"not registered: the gate's candidate is {d.get('candidate')}"
+        console.print(f"[bold]{cfg.dataset}[/]: {result.promotion['searched_key']} {verdict}; "
+                      + "; ".join(d.get("reasons", [])))
+    console.print(f"MLflow: {uri} (search run {result.search_run_id})")
 
 
 @models_app.command("list")
@@ -121,6 +206,7 @@ def _float(s: object) -> float | None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``train`` and ``models`` to the main app."""
+    """Add ``train``, ``hpo`` and ``models`` to the main app."""
     app.command("train")(train)
+    app.command("hpo")(hpo)
     app.add_typer(models_app, name="models")
