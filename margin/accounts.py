@@ -24,6 +24,8 @@ __all__ = ["Portfolio", "MarketData", "pool_sum"]
 def pool_sum(values: np.ndarray, pool_index: np.ndarray, n_pools: int) -> np.ndarray:
     """Sum rows of ``values`` (``(A,)`` or ``(A, k)``) into pools with ``np.add.at`` semantics."""
     v = np.asarray(values, dtype=np.float64)
+    if v.ndim == 1:  # bincount: the same sums, several times faster than np.add.at
+        return np.bincount(np.asarray(pool_index, dtype=np.intp), weights=v, minlength=n_pools).astype(np.float64)
     out = np.zeros((n_pools,) + v.shape[1:], dtype=np.float64)
     np.add.at(out, pool_index, v)
     return out

@@ -7,12 +7,15 @@ unrealised P&L, health factor ``(collateral + uPnL) / MM`` and a liquidation pri
   margin ``W`` = its initial margin at entry unless given; the account row reports the largest position's;
 * cross / portfolio: the price of the account's dominant underlying (largest |delta notional|) at which
   the health factor reaches 1, everything else fixed (options repriced with Black-76 at their implied vol,
-  collateral in that asset revalued). Found by a vectorised scan and bisection over all accounts at once
-  (no loop over accounts); NaN when no price in (0, 11 F] liquidates the account.
+  collateral in that asset revalued). Found for all accounts at once (no loop over accounts): secant
+  bracketing, then regula falsi (Illinois) on the accounts still searching; NaN when no price in
+  [0.01 F, 11 F] liquidates the account.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,7 +34,14 @@ from margin.isolated import (
     tier_table,
 )
 from margin.params import MarginParams, ParamsFile
-from margin.portfolio import delta_notional, fhs_scenarios, grid_shocks, option_addons, risk_measure
+from margin.portfolio import (
+    aggregate_grid_risk,
+    delta_notional,
+    fhs_scenarios,
+    grid_shocks,
+    option_addons,
+    risk_measure,
+)
 
 __all__ = ["Mode", "MarginResult", "compute_margin", "params_for"]
 
@@ -137,7 +147,7 @@ class _State:
         self.mode = mode
         self.prm_u = params_for(pf, params)
         self.prm_i = [self.prm_u[k] for k in self.arr.underlying_index]
-        self.haircuts = [m.haircuts for m in params.markets]
+        self.haircuts = list(dict.fromkeys(m.haircuts for m in params.markets))  # identical configs valued once
         self.mark = pf.underlying_price_per_instrument()
         self.cmark = pf.contract_mark()
         self.sigma = pf.implied_vol()
@@ -156,6 +166,17 @@ class _State:
             shocks, corr = fhs_scenarios(ret, rm.ewma_lambda, rm.horizon_bars, warmup=min(20, len(ret) // 4))
             self.fhs_spot = shocks[:, cols].T  # (U, n)
             self.correlation = corr[np.ix_(cols, cols)]
+        self.grid_corr: np.ndarray | None = None
+        self.grid_stress = 0.0
+        rm = params.risk_model
+        if mode == "portfolio" and scenarios == "grid" and rm.grid_correlation:
+            missing = [u for u in self.arr.underlyings_unique if u not in rm.underlyings]
+            if missing:
+                raise ValueError(f"risk_model.grid_correlation does not cover underlyings {missing} "
+                                 f"(it has {list(rm.underlyings)})")
+            cols = [rm.underlyings.index(u) for u in self.arr.underlyings_unique]
+            self.grid_corr = np.asarray(rm.grid_correlation, dtype=np.float64)[np.ix_(cols, cols)]
+            self.grid_stress = rm.grid_stress_weight
 
     def requirements(self, mark: np.ndarray, cmark: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pf, arr = self.pf, self.arr
@@ -187,15 +208,27 @@ class _State:
             im = base + add.sum(axis=1)
             return im, base * frac.max() + add @ frac
         im_u = np.zeros((p.shape[0], n_u))
+        sign_u = np.ones((p.shape[0], n_u))
         for u, g in enumerate(grids):
             cols, sub = self.sub_arrays[u]
             sh, vo = grid_shocks(g)
             s = scenario_pnl(sub, mark[..., cols], self.sigma[cols], self.now, sh, vo)
             if s.ndim == 2:
-                loss = -(p[:, cols] @ s)
+                loss = p[:, cols] @ -s  # negate the small S, not the (A, n) product (exact either way)
             else:
                 loss = -np.einsum("ai,ain->an", p[:, cols], s)
-            im_u[:, u] = np.maximum(risk_measure(loss, g.measure, g.confidence), 0.0)
+            if self.grid_corr is not None:  # direction of the worst scenario: +1 spot down, -1 spot up
+                worst = loss.argmax(axis=-1)
+                sign_u[:, u] = np.where(sh[worst] <= 0.0, 1.0, -1.0)
+                risk = (np.take_along_axis(loss, worst[:, None], axis=-1)[:, 0] if g.measure == "max"
+                        else risk_measure(loss, g.measure, g.confidence))
+                im_u[:, u] = np.maximum(risk, 0.0)
+            else:
+                im_u[:, u] = np.maximum(risk_measure(loss, g.measure, g.confidence), 0.0)
+        if self.grid_corr is not None:
+            base = aggregate_grid_risk(im_u, sign_u, self.grid_corr, self.grid_stress)
+            base_mm = aggregate_grid_risk(im_u * frac, sign_u, self.grid_corr, self.grid_stress)
+            return base + add.sum(axis=1), base_mm + add @ frac
         im_u += add
         return im_u.sum(axis=1), im_u @ frac
 
@@ -239,8 +272,51 @@ def _equity(st: _State, mark_rows: np.ndarray, cmark_rows: np.ndarray, coll_pric
     return pool_sum(c_rows + u, pf.pool_index, pf.n_pools)
 
 
-def _liquidation_search(st: _State) -> tuple[np.ndarray, tuple[str | None, ...]]:
-    """Dominant-underlying price at which each pool's equity equals its MM (vectorised over pools)."""
+#: Domain of the relative move ``x`` of the dominant underlying searched for a liquidation price: ``F (1 + x)``
+#: in ``[0.01 F, 11 F]``.
+_X_DOWN, _X_UP = -0.99, 10.0
+#: Coarse levels of ``|x|`` the bracketing falls back to when the secant extrapolation does not bracket.
+_LEVELS = np.array([0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 0.9, 0.99, 1.5,
+                    2.5, 5.0, 10.0])
+_SECANT_TRIES = 4  # extrapolation steps per pool before falling back to the coarse levels
+_OVERSHOOT = 1.02  # extrapolated steps go 2 % past the secant root so that the root is bracketed
+_X_TOL = 1e-13  # bracket width (relative to 1 + |x|) at which a pool has converged
+
+
+class _PoolRows:
+    """Rows of each pool, to evaluate pools (repeats allowed) on a sub-portfolio of their rows."""
+
+    def __init__(self, pf: Portfolio) -> None:
+        self.order = np.argsort(pf.pool_index, kind="stable")
+        self.starts = np.searchsorted(pf.pool_index[self.order], np.arange(pf.n_pools + 1))
+
+    def view(self, st: _State, pools: np.ndarray) -> _State:
+        """``st`` on the rows of ``pools`` (pool numbers, repeats allowed): row ``j`` of the result's pools is
+        ``pools[j]``; the full state when ``pools`` is every pool in order."""
+        pf = st.pf
+        if len(pools) == pf.n_pools and np.array_equal(pools, np.arange(pf.n_pools)):
+            return st
+        first, cnt = self.starts[pools], self.starts[pools + 1] - self.starts[pools]
+        new_pool = np.repeat(np.arange(len(pools)), cnt)
+        rows = self.order[np.repeat(first - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))]
+        sub_pf = copy.copy(pf)  # keeps the instrument arrays; only the row fields change
+        for name, value in (("account_ids", tuple(pf.account_ids[r] for r in rows.tolist())), ("pool_index", new_pool),
+                            ("pool_ids", tuple(pf.pool_ids[k] for k in pools.tolist())),
+                            ("positions", pf.positions[rows]), ("entry", pf.entry[rows]),
+                            ("balances", pf.balances[rows])):
+            object.__setattr__(sub_pf, name, value)
+        sub = copy.copy(st)
+        sub.pf = sub_pf
+        return sub
+
+
+def _gap_function(st: _State) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], np.ndarray, np.ndarray]:
+    """``gap(x, pools)``: equity - MM of ``pools`` with their dominant underlying moved by ``x`` (relative;
+    ``x[j]`` for ``pools[j]``, a pool may repeat with several moves).
+
+    Returns ``(gap, ustar, dval)``: the function, each pool's dominant underlying and its delta notional
+    (USD, collateral held in that coin included). Only the rows of ``pools`` are evaluated.
+    """
     pf, arr = st.pf, st.arr
     n_pools = pf.n_pools
     delta = pool_sum(delta_notional(pf.positions, arr, st.mark, st.sigma, st.now), pf.pool_index, n_pools)
@@ -251,74 +327,140 @@ def _liquidation_search(st: _State) -> tuple[np.ndarray, tuple[str | None, ...]]
             delta[:, arr.underlyings_unique.index(asset)] += pool_sum(raw_coll[:, c], pf.pool_index, n_pools)
     ustar = np.argmax(np.abs(delta), axis=1)
     dval = delta[np.arange(n_pools), ustar]
-    direction = -np.sign(dval)  # the move that loses money
     t = arr.time_to_expiry(st.now)
     o = arr.is_option
     base_opt = black76_price(st.mark[o], arr.strike[o], t[o], st.sigma[o], arr.is_call[o])
     cprice = pf.collateral_prices()
     slot_asset = np.array([a for a, _ in pf.slots], dtype=object)
     und_names = np.array(arr.underlyings_unique, dtype=object)
+    pool_rows = _PoolRows(pf)
 
-    def gap(x_pool: np.ndarray) -> np.ndarray:
-        x_rows = x_pool[pf.pool_index]
-        hit = arr.underlying_index[None, :] == ustar[pf.pool_index][:, None]
+    def gap(x: np.ndarray, pools: np.ndarray) -> np.ndarray:
+        sub = pool_rows.view(st, pools)
+        spf = sub.pf
+        x_rows = x[spf.pool_index]
+        u_rows = ustar[pools][spf.pool_index]
+        hit = arr.underlying_index[None, :] == u_rows[:, None]
         mark_rows = st.mark[None, :] * (1.0 + x_rows[:, None] * hit)
         cmark_rows = np.where(arr.is_option[None, :], st.cmark[None, :], mark_rows)
         if o.any():
             new = black76_price(mark_rows[:, o], arr.strike[o], t[o], st.sigma[o], arr.is_call[o])
             cmark_rows[:, o] = st.cmark[o] + new - base_opt
-        chit = slot_asset[None, :] == und_names[ustar][pf.pool_index][:, None]
+        chit = slot_asset[None, :] == und_names[u_rows][:, None]
         cp = cprice[None, :] * (1.0 + x_rows[:, None] * chit)
-        _, mm = st.requirements(mark_rows, cmark_rows)
-        return _equity(st, mark_rows, cmark_rows, cp) - pool_sum(mm, pf.pool_index, n_pools)
+        _, mm = sub.requirements(mark_rows, cmark_rows)
+        return _equity(sub, mark_rows, cmark_rows, cp) - pool_sum(mm, spf.pool_index, spf.n_pools)
 
-    # coarse scan outwards in the losing direction, then a safeguarded regula falsi (Illinois) per pool
-    levels = np.array([0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 0.9, 0.99,
-                       1.5, 2.5, 5.0, 10.0])
-    active = direction != 0
-    found = np.zeros(n_pools, dtype=bool)
-    a = np.zeros(n_pools)  # healthy side (gap > 0)
-    b = np.zeros(n_pools)  # liquidated side (gap <= 0)
-    ga = np.zeros(n_pools)
-    gb = np.zeros(n_pools)
-    for lv in levels:
-        if lv > 0.99 and not np.any(active & ~found & (direction > 0)):
+    return gap, ustar, dval
+
+
+def _liquidation_search(st: _State) -> tuple[np.ndarray, tuple[str | None, ...]]:
+    """Dominant-underlying price at which each pool's equity equals its MM (vectorised over pools).
+
+    ``x`` (the relative move of the dominant underlying in the losing direction) is bracketed by secant
+    extrapolation from ``x = 0`` and a 1 % probe (2 % past the secant root; exact for the piecewise-linear
+    equity - MM of perps and futures), falling back to coarse levels out to ``F (1 + x)`` in ``[0.01 F, 11 F]``,
+    then refined by regula falsi with the Illinois modification until the bracket is narrower than
+    ``1e-13 (1 + |x|)`` or ``|equity - MM|`` divided by the bracket's slope is below ``1e-13 (1 + x)`` (the
+    price to ~1e-13 relative). Every step evaluates only the pools still searching; the coarse levels of
+    all pools that need them are evaluated together in one step.
+    """
+    pf, arr = st.pf, st.arr
+    n = pf.n_pools
+    gap, ustar, dval = _gap_function(st)
+    direction = -np.sign(dval)  # the move that loses money
+    x_end = np.where(direction < 0, _X_DOWN, _X_UP)
+    x_out = np.full(n, np.nan)
+    act = np.flatnonzero(direction != 0)
+    a = np.zeros(n)  # healthy side (gap > 0)
+    ga = np.zeros(n)
+    b = np.zeros(n)  # liquidated side (gap <= 0)
+    gb = np.zeros(n)
+    if act.size:
+        g0 = gap(np.zeros(act.size), act)
+        x_out[act[g0 <= 0]] = 0.0  # liquidatable at the current marks
+        ga[act] = g0
+    # bracketing: secant extrapolation through the last two healthy points (2 % past its root) ...
+    cand = act[ga[act] > 0] if act.size else act
+    p, gp = np.zeros(n), np.zeros(n)  # the healthy point before ``a``
+    x_try = direction[cand] * 0.01
+    bracketed = np.zeros(n, dtype=bool)
+    scan = [np.zeros(0, dtype=int)]
+    for step in range(_SECANT_TRIES + 1):
+        if cand.size == 0:
             break
-        x = np.where(direction < 0, -min(lv, 0.99), lv) * active
-        g = gap(x)
-        newly = active & ~found & (g <= 0)
-        b = np.where(newly, x, b)
-        gb = np.where(newly, g, gb)
-        keep = active & ~found & ~newly
-        a = np.where(keep, x, a)
-        ga = np.where(keep, g, ga)
-        found |= newly
-        if found[active].all():
+        g = gap(x_try, cand)
+        liq = g <= 0
+        hit = cand[liq]
+        b[hit], gb[hit], bracketed[hit] = x_try[liq], g[liq], True
+        ok = cand[~liq]
+        p[ok], gp[ok] = a[ok], ga[ok]
+        a[ok], ga[ok] = x_try[~liq], g[~liq]
+        cand = ok[a[ok] != x_end[ok]]  # healthy at the end of the domain: no liquidation price (NaN)
+        if step == _SECANT_TRIES:
             break
-    live = found & (b != a)
-    side_b = np.zeros(n_pools, dtype=int)  # which end moved last: +1 b, -1 a
+        ac, dc = a[cand], direction[cand]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            stepv = _OVERSHOOT * ga[cand] * (ac - p[cand]) / (gp[cand] - ga[cand])
+        good = np.isfinite(stepv) & (stepv * dc > 0)
+        scan.append(cand[~good])  # equity - MM does not fall towards a root: the coarse levels decide
+        cand, ac, dc, stepv = cand[good], ac[good], dc[good], stepv[good]
+        x_try = np.where(dc < 0, np.maximum(ac + stepv, _X_DOWN), np.minimum(ac + stepv, _X_UP))
+    # ... else every coarse level beyond the last healthy point out to the end of the domain, in one evaluation
+    sc = np.concatenate([*scan, cand])
+    if sc.size:
+        end = np.abs(x_end[sc])[:, None]
+        lev = np.minimum(_LEVELS[None, :], end)
+        ok_lv = (lev > np.abs(a[sc])[:, None]) & np.c_[np.ones(sc.size, dtype=bool), lev[:, 1:] != lev[:, :-1]]
+        i, j = np.nonzero(ok_lv)
+        xs = direction[sc][:, None] * lev
+        g_lv = np.full(lev.shape, np.inf)
+        g_lv[i, j] = gap(xs[i, j], sc[i])
+        neg = g_lv <= 0
+        has = neg.any(axis=1)
+        first = np.argmax(neg, axis=1)
+        prev = np.maximum(first - 1, 0)
+        rr = np.arange(sc.size)
+        use_prev = has & (first > 0) & ok_lv[rr, prev]
+        k_prev = sc[use_prev]
+        a[k_prev], ga[k_prev] = xs[rr, prev][use_prev], g_lv[rr, prev][use_prev]
+        k_hit = sc[has]
+        b[k_hit], gb[k_hit], bracketed[k_hit] = xs[rr, first][has], g_lv[rr, first][has], True
+    # regula falsi (Illinois) inside each bracket
+    live = np.flatnonzero(bracketed)
+    side = np.zeros(n, dtype=int)  # which end moved last: +1 b, -1 a
     for _ in range(100):
-        conv = np.abs(b - a) <= 1e-13 * (1.0 + np.abs(b))
-        live &= ~conv
-        if not live.any():
+        if live.size == 0:
             break
-        with np.errstate(divide="ignore", invalid="ignore"):
-            c = b - gb * (b - a) / (gb - ga)
-        bad = ~np.isfinite(c) | (c <= np.minimum(a, b)) | (c >= np.maximum(a, b))
-        c = np.where(bad, 0.5 * (a + b), c)
-        g = gap(np.where(live, c, 0.0))
-        neg = live & (g <= 0)
-        pos = live & (g > 0)
-        ga = np.where(neg & (side_b == 1), 0.5 * ga, ga)  # Illinois: halve the stale end
-        gb = np.where(pos & (side_b == -1), 0.5 * gb, gb)
-        b, gb = np.where(neg, c, b), np.where(neg, g, gb)
-        a, ga = np.where(pos, c, a), np.where(pos, g, ga)
-        side_b = np.where(neg, 1, np.where(pos, -1, side_b))
-        live &= g != 0
-    x_star = np.where(found, b, np.nan)
+        al, bl, gal, gbl = a[live], b[live], ga[live], gb[live]
+        narrow = np.abs(bl - al) <= _X_TOL * (1.0 + np.abs(bl))
+        x_out[live[narrow]] = bl[narrow]
+        keep = ~narrow
+        live, al, bl, gal, gbl = live[keep], al[keep], bl[keep], gal[keep], gbl[keep]
+        if live.size == 0:
+            break
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            c = bl - gbl * (bl - al) / (gbl - gal)
+        bad = ~np.isfinite(c) | (c <= np.minimum(al, bl)) | (c >= np.maximum(al, bl))
+        c = np.where(bad, 0.5 * (al + bl), c)
+        g = gap(c, live)
+        neg = g <= 0
+        sl = side[live]
+        ga[live] = np.where(neg & (sl == 1), 0.5 * gal, gal)  # Illinois: halve the stale end
+        gb[live] = np.where(~neg & (sl == -1), 0.5 * gbl, gbl)
+        b[live[neg]], gb[live[neg]] = c[neg], g[neg]
+        a[live[~neg]], ga[live[~neg]] = c[~neg], g[~neg]
+        side[live] = np.where(neg, 1, -1)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            slope = np.abs((gbl - gal) / (bl - al))
+        done = np.abs(g) <= _X_TOL * slope * (1.0 + c)  # |x - root| below ~1e-13 of the price F (1 + x)
+        x_out[live[done]] = c[done]
+        live = live[~done]
+    if live.size:  # not converged in 100 steps (not expected): the liquidated end
+        x_out[live] = b[live]
     f_u = np.zeros(len(arr.underlyings_unique))
     f_u[arr.underlying_index] = st.mark
-    lp = f_u[ustar] * (1.0 + x_star)
+    lp = f_u[ustar] * (1.0 + x_out)
     names = tuple(arr.underlyings_unique[u] if direction[k] != 0 else None for k, u in enumerate(ustar))
     return lp, names
 

@@ -340,6 +340,9 @@ def unrealised_pnl(
     underlying for options (linear).
     """
     qty, entry, mark, cs = (np.asarray(x, dtype=np.float64) for x in (qty, entry, mark, contract_size))
+    if not np.any(is_inverse):  # linear only: one pass (flat rows have entry 0 and give 0)
+        lin = qty * cs * (mark - entry)
+        return np.where(qty == 0, 0.0, lin)
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = qty * cs * (mark / entry - 1.0)
     lin = qty * cs * (mark - entry)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import numpy as np
+
 __all__ = [
     "RiskTier",
     "CollateralHaircuts",
@@ -569,6 +571,13 @@ class RiskModel:
         RiskMetrics decay for the EWMA covariance/correlation, in (0, 1).
     horizon_bars : int
         Liquidation horizon in bars; FHS shocks are scaled by ``sqrt(horizon_bars)``.
+    grid_correlation : tuple of tuple of float
+        Optional ``(U, U)`` return correlation across ``underlyings`` for offsets in GRID mode (empty: no
+        offsets, each underlying's worst loss summed, as on Deribit). Symmetric, unit diagonal, entries in
+        [-1, 1], positive semi-definite. See :func:`margin.portfolio.aggregate_grid_risk`.
+    grid_stress_weight : float
+        Weight in [0, 1] of the stressed blend of the loss correlation toward 1 (1 = no offsets at all, the
+        static sum); only used with ``grid_correlation``.
     """
 
     underlyings: tuple[str, ...] = ()
@@ -576,6 +585,8 @@ class RiskModel:
     scenario_source: str | None = None
     ewma_lambda: float = 0.94
     horizon_bars: int = 1
+    grid_correlation: tuple[tuple[float, ...], ...] = ()
+    grid_stress_weight: float = 0.0
 
     def __post_init__(self) -> None:
         lam = _num("risk_model.ewma_lambda", self.ewma_lambda)
@@ -594,21 +605,48 @@ class RiskModel:
                 if not math.isfinite(x):
                     raise ValueError(f"risk_model.historical_returns[{i}][{j}] must be finite, got {x}")
         object.__setattr__(self, "historical_returns", rows)
+        corr = tuple(tuple(float(x) for x in r) for r in self.grid_correlation)
+        if corr:
+            u = len(self.underlyings)
+            c = [list(r) for r in corr]
+            if len(c) != u or any(len(r) != u for r in c):
+                raise ValueError(f"risk_model.grid_correlation must be {u}x{u} (one row per underlying), "
+                                 f"got {len(c)} rows")
+            for i in range(u):
+                if abs(c[i][i] - 1.0) > 1e-9:
+                    raise ValueError(f"risk_model.grid_correlation[{i}][{i}] must be 1, got {c[i][i]}")
+                for j in range(u):
+                    x = c[i][j]
+                    if not (math.isfinite(x) and -1.0 - 1e-12 <= x <= 1.0 + 1e-12) or abs(x - c[j][i]) > 1e-9:
+                        raise ValueError(f"risk_model.grid_correlation[{i}][{j}] must be in [-1, 1] and symmetric, "
+                                         f"got {x}")
+            if np.linalg.eigvalsh(np.asarray(c)).min() < -1e-8:
+                raise ValueError("risk_model.grid_correlation must be positive semi-definite, got an eigenvalue "
+                                 f"{np.linalg.eigvalsh(np.asarray(c)).min():.3g}")
+        object.__setattr__(self, "grid_correlation", corr)
+        object.__setattr__(self, "grid_stress_weight",
+                           _rate("risk_model.grid_stress_weight", self.grid_stress_weight, allow_zero=True))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "underlyings": list(self.underlyings),
             "historical_returns": [list(r) for r in self.historical_returns],
             "scenario_source": self.scenario_source,
             "ewma_lambda": self.ewma_lambda,
             "horizon_bars": self.horizon_bars,
         }
+        if self.grid_correlation:  # only when set, so files without offsets keep their old form
+            d["grid_correlation"] = [list(r) for r in self.grid_correlation]
+            d["grid_stress_weight"] = self.grid_stress_weight
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RiskModel:
         kw = dict(d)
         kw["underlyings"] = tuple(kw.get("underlyings", ()))
         kw["historical_returns"] = tuple(tuple(r) for r in kw.get("historical_returns", ()))
+        if "grid_correlation" in kw:
+            kw["grid_correlation"] = tuple(tuple(r) for r in kw["grid_correlation"])
         return cls(**kw)
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "EwmaCorrelation",
     "ewma_covariance_path",
     "fhs_scenarios",
+    "aggregate_grid_risk",
 ]
 
 
@@ -348,3 +349,21 @@ def fhs_scenarios(
     x = z @ np.linalg.cholesky(now).T * math.sqrt(horizon)
     sd = np.sqrt(np.diag(now))
     return np.expm1(x), now / np.outer(sd, sd)
+
+
+def aggregate_grid_risk(risk_u: np.ndarray, sign_u: np.ndarray, corr: np.ndarray, stress_weight: float) -> np.ndarray:
+    """Grid risk with offsets across underlyings, ``sqrt(max(m' L m, 0))`` per account, USD.
+
+    ``m`` (``(A, U)``, >= 0) is each underlying's worst grid loss; ``s`` (``(A, U)``, +-1) the direction of that
+    worst scenario (+1 when it is a spot fall, -1 a rise). The loss correlation is
+    ``L = (1 - w) (s s') o R + w 1 1'``: the return correlation ``R`` signed by the directions, blended toward 1 with
+    the stress weight ``w``. Since every entry of ``L`` is at most 1 and ``m >= 0``, the result never exceeds
+    ``sum_u m_u`` (the grid without offsets), and equals it when ``w = 1`` or when ``R = 1`` and all directions
+    agree; ``L`` is positive semi-definite when ``R`` is (Schur product with ``s s'``), so the square root is real.
+    """
+    m = np.asarray(risk_u, dtype=np.float64)
+    s = np.asarray(sign_u, dtype=np.float64)
+    r = np.asarray(corr, dtype=np.float64)
+    sm = m * s
+    q = (1.0 - stress_weight) * ((sm @ r) * sm).sum(axis=1) + stress_weight * m.sum(axis=1) ** 2
+    return np.minimum(np.sqrt(np.maximum(q, 0.0)), m.sum(axis=1))

@@ -344,7 +344,7 @@ def create_app(markets: MarketsFile, store: FeedStore | str | Path | None = None
 
     def margin_sync(body: bytes, mode: str, scenarios: str, liq: str) -> Response:
         from margin.engine import compute_margin
-        from serving.margin_api import PortfolioError, margin_response, parse_portfolio
+        from serving.margin_api import PortfolioError, dump_response, margin_response, parse_portfolio
 
         if mode not in ("isolated", "cross", "portfolio"):
             return _err(422, "invalid_input", f"mode must be isolated, cross or portfolio, got {mode!r}")
@@ -374,7 +374,7 @@ def create_app(markets: MarketsFile, store: FeedStore | str | Path | None = None
         out["params"] = {m.market_id: {"update_valid_from": m.to_dict()["valid_from"],
                                        "valid_until": m.to_dict()["valid_until"]}
                          for m in params.markets if m.market_id in need}
-        return Response(json.dumps(out, separators=(",", ":"), allow_nan=False), media_type="application/json")
+        return Response(dump_response(out), media_type="application/json")
 
     @app.post("/v1/margin")
     async def post_margin(request: Request, mode: str = "cross", scenarios: str = "auto",

@@ -24,6 +24,7 @@ from serving.failsafe import UpdateRules
 __all__ = [
     "parse_duration",
     "ModelRef",
+    "PredictiveFitCfg",
     "PolicyRef",
     "ControlsCfg",
     "FailsafeCfg",
@@ -94,16 +95,53 @@ class ModelRef(_Strict):
         return self
 
 
+class PredictiveFitCfg(_Strict):
+    """How a ``predictive`` market fits its parameters when it has none (a fresh clone), with
+    :func:`backtest.fit.fit_predictive` on the ``bars`` bars before the publish window (the cut), forecast
+    out of sample by the market's model, for a population of ``positions`` positions (``population``: more
+    ``backtest.population.PopulationConfig`` fields), over ``grid`` (defaults: a reduced grid, see
+    :data:`serving.predictive.FIT_GRID`) in ``rounds`` coordinate passes (``refine``: a finer look at level
+    and power). The fit is cached and reused while its cut is less than ``refit_every`` before the
+    current one and the bars before it are unchanged."""
+
+    bars: int = Field(730, ge=60, le=20_000)
+    positions: int = Field(2000, ge=100, le=200_000)
+    seed: int = 0
+    rounds: int = Field(1, ge=1, le=5)
+    refine: bool = False
+    grid: dict[str, tuple[float | str, ...]] | None = None
+    weights: dict[str, float] | None = None
+    population: dict[str, Any] = Field(default_factory=dict)
+    refit_every: int | str = "30d"
+
+    @model_validator(mode="after")
+    def _check(self) -> PredictiveFitCfg:
+        parse_duration(self.refit_every, "refit_every")
+        known = {"level", "power", "stress", "omega", "floor", "release", "mm_binds", "mm_k", "mm_floor", "mm_fraction"}
+        bad = set(self.grid or {}) - known
+        if bad:
+            raise ValueError(f"grid: unknown parameter(s) {sorted(bad)}; known: {sorted(known)}")
+        if any(len(v) == 0 for v in (self.grid or {}).values()):
+            raise ValueError(f"grid: every parameter needs at least one value, got {self.grid!r}")
+        bad = set(self.weights or {}) - {"alpha", "beta", "capital_cost_annual"}
+        if bad:
+            raise ValueError(f"weights: unknown key(s) {sorted(bad)}; known: alpha, beta, capital_cost_annual")
+        return self
+
+
 class PolicyRef(_Strict):
     """The margin policy: ``name`` (``ewma_ccp``, ``garch_fhs``, ``predictive``, ``static_<im>``) and ``params``.
 
-    ``fitted_from`` (predictive only): a run directory (``details.json`` of ``volmargin run``) or an MLflow
-    run (``runs:/<run id>``) holding the fitted parameters; without it they are fitted here and cached.
+    ``predictive`` gets its fitted parameters from ``fitted_from`` (a run directory with the ``details.json``
+    of ``volmargin run``, or an MLflow run ``runs:/<run id>``; ``params`` override them), or inline in
+    ``params`` (at least ``level`` and ``power``), or else from a fit on the market's own bars before the
+    publish window (``fit``: its settings; ``params`` given are held fixed), cached for the next publish.
     """
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     fitted_from: str | None = None
+    fit: PredictiveFitCfg | None = None
 
     @field_validator("name")
     @classmethod
@@ -111,6 +149,14 @@ class PolicyRef(_Strict):
         if v in ("ewma_ccp", "garch_fhs", "predictive") or v.startswith("static_"):
             return v
         raise ValueError(f"must be ewma_ccp, garch_fhs, predictive or static_<im>, got {v!r}")
+
+    @model_validator(mode="after")
+    def _predictive_only(self) -> PolicyRef:
+        if self.name != "predictive" and (self.fit is not None or self.fitted_from is not None):
+            raise ValueError(f"fit and fitted_from are for the predictive policy, not {self.name!r}")
+        if self.fit is not None and self.fitted_from is not None:
+            raise ValueError(f"give fit or fitted_from, not both (fitted_from={self.fitted_from!r})")
+        return self
 
 
 class ControlsCfg(_Strict):

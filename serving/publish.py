@@ -115,8 +115,11 @@ def market_policy(name: str, params: dict[str, Any]) -> Any:
     raise ValueError(f"policy.name must be static_<im>, ewma_ccp, garch_fhs or predictive, got {name!r}")
 
 
-def _policy_raw(mcfg: MarketCfg, bars: pd.DataFrame, forecast: Any, mm_fraction: float, cache_dir: str) -> tuple[float, float]:
-    """Raw IM and MM of the market's policy at the last bar (controls relaxed: the feed applies its own)."""
+def _policy_raw(mcfg: MarketCfg, bars: pd.DataFrame, forecast: Any, mm_fraction: float, cache_dir: str, *,
+                market: str | None = None, history: pd.DataFrame | None = None, tracking_uri: str | None = None,
+                model_version: str | None = None) -> tuple[float, float, dict[str, Any] | None]:
+    """Raw IM and MM of the market's policy at the last bar (controls relaxed: the feed applies its own), and,
+    for ``predictive``, where its parameters came from (a fit on ``history`` before ``bars`` when needed)."""
     from margin.controls import Controls
     from margin.policies import PolicyContext
 
@@ -124,16 +127,18 @@ def _policy_raw(mcfg: MarketCfg, bars: pd.DataFrame, forecast: Any, mm_fraction:
     ctx = PolicyContext(bars=bars, forecast=forecast, controls=relaxed)
     name = mcfg.policy.name
     params = dict(mcfg.policy.params)
+    info = None
     if name == "predictive":
         from serving.predictive import predictive_policy
 
-        policy = predictive_policy(mcfg, params, ctx, cache_dir)
+        policy, info = predictive_policy(mcfg, params, ctx, cache_dir, market=market, history=history,
+                                         tracking_uri=tracking_uri, model_version=model_version)
     else:
         policy = market_policy(name, params)
     path = policy.path(ctx)
     im = float(path.im_rate[-1])
     mm_target = path.mm_pending[-1] if path.mm_pending is not None and np.isfinite(path.mm_pending[-1]) else path.mm_rate[-1]
-    return im, float(mm_target)
+    return im, float(mm_target), info
 
 
 def compute_proposal(
@@ -214,11 +219,14 @@ def compute_proposal(
                 "sigma_h": sigma_h, "raw_im": None, "raw_mm": None}
     win = bars[bars.index >= fc.origins[0]]
     try:
-        im, mm = _policy_raw(mcfg, win, fc, rules.mm_fraction, markets.feed.cache_dir)
-    except (ValueError, TypeError, ZeroDivisionError, FloatingPointError) as exc:
+        im, mm, fit_info = _policy_raw(mcfg, win, fc, rules.mm_fraction, markets.feed.cache_dir, market=market_id,
+                                       history=feats, tracking_uri=uri, model_version=lineage.get("model_version"))
+    except (ValueError, TypeError, ZeroDivisionError, FloatingPointError, KeyError, OSError) as exc:
         return Computed(Proposal(im=float("nan"), failure=f"policy {mcfg.policy.name} failed: {exc}"), forecast, lineage,
                         sigma_h)
     forecast.update(raw_im=im if math.isfinite(im) else None, raw_mm=mm if math.isfinite(mm) else None)
+    if fit_info is not None:
+        lineage["policy"]["fit"] = fit_info
     return Computed(Proposal(im=im, mm=mm), forecast, lineage, sigma_h)
 
 

@@ -105,8 +105,11 @@ def publish(
                 pend = (f", MM {msg['mmRatePending'] / 1e8:.4%} from {r['params']['mm_effective_from']}"
                         if msg["mmRatePending"] else "")
                 adj = f" (controls: {', '.join(r['adjustments'])})" if r["adjustments"] else ""
+                fit = (r["lineage"].get("policy") or {}).get("fit") or {}
+                how = {"fitted": "fitted", "cache": "from the cache, fitted"}.get(fit.get("source", ""))
+                fitted = (f"; predictive parameters {how} on {fit['bars']} bars before {fit['cut']}" if how else "")
                 console.print(f"{m} #{r['update_id']}: IM {msg['imRate'] / 1e8:.4%}, MM {msg['mmRate'] / 1e8:.4%}"
-                              f"{pend}, valid until {r['valid_until']}{adj}{flag}")
+                              f"{pend}, valid until {r['valid_until']}{adj}{fitted}{flag}")
         if period is None or (count is not None and rounds >= count):
             break
         time.sleep(period)
