@@ -59,6 +59,8 @@ class HeadlineSettings:
         "power": (0.0, 0.5, 1.0), "mm_k": (0.0, 0.5, 1.5, 3.0), "mm_fraction": (None, 0.25, 0.5)})
     fit: Mapping[str, Any] = field(default_factory=dict)
     increase_cap: str | float | None = "ewma_ccp"
+    #: bars before the cut that the scales and the fit see (None: all of them)
+    fit_bars: int | None = None
 
     def __post_init__(self) -> None:
         if not self.budgets:
@@ -66,6 +68,8 @@ class HeadlineSettings:
         for b in self.budgets:
             if not 0.0 < b <= 1.0:
                 raise ValueError(f"budget must be in (0, 1] (average collateral / exposure), got {b!r}")
+        if self.fit_bars is not None and self.fit_bars < 50:
+            raise ValueError(f"fit_bars must be >= 50 bars (or null: all before the cut), got {self.fit_bars!r}")
         if self.bad_debt_tolerance < 0:
             raise ValueError(f"bad_debt_tolerance must be >= 0 USD, got {self.bad_debt_tolerance!r}")
 
@@ -158,6 +162,7 @@ def evaluate_headline(
     if k < 3 or k >= len(bars) - 2:
         raise ValueError(f"the cut {ctx.cut} leaves {k} bars before and {len(bars) - k} after it; need >= 3 and >= 2")
     cut_t = bars.index[k]
+    pre_start = None if settings.fit_bars is None else bars.index[max(0, k - int(settings.fit_bars))]
     tol = settings.bad_debt_tolerance
     env = StaticEnvelope(bars, population, cfg, settings.rules, settings.im_grid, start=cut_t)
     bound: ClairvoyantBound = clairvoyant_bound(bars, population, cfg, start=cut_t)
@@ -171,7 +176,7 @@ def evaluate_headline(
     def pre(path: MarginPath) -> BacktestResult:
         nonlocal n_runs
         n_runs += 1
-        return run_backtest(bars, path, population, cfg, end=cut_t)
+        return run_backtest(bars, path, population, cfg, start=pre_start, end=cut_t)
 
     def at_own(r: BacktestResult, max5d: float) -> dict[str, Any]:
         c = float(r.avg_collateral)
@@ -224,7 +229,8 @@ def evaluate_headline(
             entry[name] = {**at_own(held(p), max_increase(p.im_rate[k:], w5)), "scale": scale}
         cap = settings.increase_cap
         if cap == "ewma_ccp" and "ewma_ccp" in paths[key]:
-            cap = max_increase(paths[key]["ewma_ccp"].im_rate[:k], w5)
+            k0 = 0 if pre_start is None else int(bars.index.searchsorted(pre_start))
+            cap = max_increase(paths[key]["ewma_ccp"].im_rate[k0:k], w5)
         elif cap == "ewma_ccp":
             cap = None
         kw = dict(fit_kw)
@@ -235,7 +241,7 @@ def evaluate_headline(
             kw["grid"] = {**fixed, **{n: tuple(v) for n, v in settings.refit.items()}}
             kw["rounds"] = 1
         pol = fit_predictive(ctx, population, cfg, target_avg_collateral=b, bad_debt_allowance=tol,
-                             max_im_increase_5d=cap, start_from=prev_shape, **kw)
+                             max_im_increase_5d=cap, start_from=prev_shape, start=pre_start, **kw)
         prev_shape = {**pol.params(), "mm_binds": pol.mm_binds, "mm_fraction": pol.mm_fraction}
         p = pol.path(ctx)
         paths[key]["predictive"] = p

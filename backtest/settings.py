@@ -174,7 +174,8 @@ class PoliciesConfig(_Strict):
     predictive : dict
         Keyword settings of :func:`backtest.fit.fit_predictive` in budget mode (``rounds``, ``max_positions``,
         ``grid``, ``bad_debt_weight``, ``max_im_increase_5d`` (a fraction or ``ewma_ccp``: that policy's
-        largest 5-day IM increase before the cut at the same budget)).
+        largest 5-day IM increase before the cut at the same budget)) and ``fit_bars`` (the bars before the cut
+        that the fit and the rivals' scales see; default all).
     """
 
     static_pairs: StaticPairsConfig = Field(default_factory=StaticPairsConfig)

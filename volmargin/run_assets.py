@@ -92,8 +92,9 @@ def headline_settings(cfg: RunConfig) -> Any:
     rules = tuple([MmRule("fraction", f) for f in sp.mm_fractions] + [MmRule("fixed", m) for m in sp.mm_fixed])
     pred = dict(pol.predictive)
     cap = pred.pop("max_im_increase_5d", None)
+    fit_bars = pred.pop("fit_bars", None)
     return HeadlineSettings(budgets=tuple(cfg.budgets), bad_debt_tolerance=cfg.bad_debt_tolerance,
-                            im_grid=tuple(sp.im), rules=rules, fit=pred, increase_cap=cap)
+                            im_grid=tuple(sp.im), rules=rules, fit=pred, increase_cap=cap, fit_bars=fit_bars)
 
 
 def horizon_breaches(close: np.ndarray, im: np.ndarray, first: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +283,7 @@ def check_policy_settings(cfg: RunConfig) -> None:
             raise ValueError(f"policies.{name}: {exc}") from None
     params = inspect.signature(fit_predictive).parameters
     allowed = {k for k, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY} - {
-        "target_avg_collateral", "target_avg_im", "bad_debt_allowance", "start_from", "start"}
+        "target_avg_collateral", "target_avg_im", "bad_debt_allowance", "start_from", "start"} | {"fit_bars"}
     unknown = sorted(set(pol.predictive) - allowed)
     if unknown:
         raise ValueError(f"policies.predictive: unknown key(s) {unknown}; known: {sorted(allowed)}")
