@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
-
-from data_pipelines.features import build_features
-from data_pipelines.synthetic import simulate
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +21,3 @@ def ray_local():
 def mlflow_db(tmp_path_factory):
     """One SQLite tracking store for the session (creating an MLflow database takes seconds)."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"
-
-
-def daily_frame(n: int = 560, seed: int = 3) -> pd.DataFrame:
-    """Features of a simulated daily market (regime-switching GARCH-t with jumps)."""
-    return build_features(simulate(n, seed=seed, start="2016-01-01").bars)

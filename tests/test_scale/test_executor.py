@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import daily_frame
+from _support.frames import daily_frame
 
 from training.walk_forward import TaskFailure, WalkForwardTask, run_tasks
 from volmargin.executor import Executor, TaskError, make_executor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import daily_frame
+from _support.frames import daily_frame
 
 from training.evaluation import evaluate_asset
 from training.hpo import HpoSettings, evaluate_trial, promote_best, run_search, train_window
