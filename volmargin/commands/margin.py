@@ -23,7 +23,12 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 @user_errors
 def margin(
     portfolio: Path = typer.Option(..., "--portfolio", help="Portfolio JSON (schemas/portfolio.schema.json)."),
-    params: Path = typer.Option(..., "--params", help="Params file JSON (schemas/params_file.schema.json)."),
+    params: Path | None = typer.Option(None, "--params", help="Params file JSON (schemas/params_file.schema.json)."),
+    params_from: Path | None = typer.Option(
+        None, "--params-from",
+        help="Run directory with portfolio_grid.json (the dynamic_grid path of a run): use its grid at --as-of."),
+    as_of: str | None = typer.Option(
+        None, "--as-of", help="UTC time selecting the grid of --params-from (default: the portfolio's as_of)."),
     mode: str = typer.Option("cross", "--mode", help="isolated | cross | portfolio"),
     scenarios: str = typer.Option("auto", "--scenarios", help="portfolio mode: auto | grid | fhs"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -34,8 +39,22 @@ def margin(
 
     if mode not in ("isolated", "cross", "portfolio"):
         raise ValueError(f"--mode must be isolated, cross or portfolio, got {mode!r}")
+    if (params is None) == (params_from is None):
+        raise ValueError("give exactly one of --params FILE or --params-from RUN_DIR")
     pf = load_portfolio(portfolio)
-    prm = load_params_file(params)
+    if params_from is not None:
+        from margin.dynamic_grid import GridPath
+
+        grid_file = params_from / "portfolio_grid.json" if params_from.is_dir() else params_from
+        if not grid_file.exists():
+            raise ValueError(f"--params-from: no portfolio_grid.json in {params_from}")
+        gp = GridPath.read(grid_file)
+        when = as_of if as_of is not None else pf.as_of
+        prm = gp.params_at_time(when)  # cross mode: the grid's range as flat IM rate, MM = mm_fraction × it
+    else:
+        if as_of is not None:
+            raise ValueError("--as-of only applies with --params-from")
+        prm = load_params_file(params)
     res = compute_margin(pf, prm, mode, scenarios=scenarios)  # type: ignore[arg-type]
     doc = res.to_dict()
     if as_json:
