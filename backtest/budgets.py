@@ -131,6 +131,12 @@ class StaticEnvelope:
     def n_runs(self) -> int:
         return len(self._runs)
 
+    def runs_table(self) -> pd.DataFrame:
+        """Every pair run so far: ``im``, ``mm``, ``avg_collateral``, ``liquidations``, ``bad_debt``."""
+        return pd.DataFrame([{"im": im, "mm": mm, "avg_collateral": r.avg_collateral, "liquidations": r.liquidations,
+                              "bad_debt": r.bad_debt} for (im, mm), r in self._runs.items()],
+                            columns=["im", "mm", "avg_collateral", "liquidations", "bad_debt"])
+
     def _pair(self, im: float, rule: MmRule) -> StaticPair | None:
         mm = rule.mm(im)
         if mm is None:

@@ -260,9 +260,7 @@ def evaluate_headline(
                 continue
             cx = replace(ctx, forecast=fc, regime_probs=probs)
             abl[key][how] = _outcome(held(replace(pol, name=f"predictive[{how}]").path(cx)))
-    env_rows = pd.DataFrame(
-        [{"im": im, "mm": mm, "avg_collateral": r.avg_collateral, "liquidations": r.liquidations,
-          "bad_debt": r.bad_debt} for (im, mm), r in env._runs.items()])
+    env_rows = env.runs_table()
     ladder = np.unique(np.r_[np.linspace(0.08, 0.5, 22), np.asarray(settings.budgets)])
     bc = [bound.at(float(c)) for c in ladder]
     bound_curve = pd.DataFrame({"avg_collateral": ladder, "liquidations": [x.liquidations for x in bc]})
