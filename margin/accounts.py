@@ -203,36 +203,10 @@ class Portfolio:
         for (asset, _), _k in slots.items():
             if asset not in market.collateral_price:
                 raise ValueError(f"$.marks.collateral: no price for collateral asset {asset!r}")
-        a, n_i = len(rows), len(instruments)
-        pos = np.zeros((a, n_i))
-        entry = np.zeros((a, n_i))
-        bal = np.zeros((a, len(slots)))
-        for r, (_, _, acct, path) in enumerate(rows):
-            for pi, p in enumerate(acct.get("positions", [])):
-                where = f"{path}.positions[{pi}]"
-                iid = p["instrument"]
-                if iid not in col:
-                    raise ValueError(f"{where}.instrument: unknown instrument {iid!r}")
-                size = p["size"]
-                if isinstance(size, bool) or not isinstance(size, int | float) or not math.isfinite(size):
-                    raise ValueError(f"{where}.size: must be a finite number, got {size!r}")
-                ep = p.get("entry_price")
-                if size != 0 and (ep is None or not math.isfinite(ep) or ep <= 0 and not instruments[col[iid]].is_option):
-                    raise ValueError(f"{where}.entry_price: must be a positive number, got {ep!r}")
-                c = col[iid]
-                old = pos[r, c]
-                new = old + size
-                # average entry of same-direction additions (netting within a row)
-                if old == 0 or np.sign(old) == np.sign(size):
-                    entry[r, c] = (abs(old) * entry[r, c] + abs(size) * (ep or 0.0)) / max(abs(new), 1e-300)
-                elif np.sign(new) != np.sign(old) and new != 0:
-                    entry[r, c] = ep
-                pos[r, c] = new
-            for ci, cl in enumerate(acct.get("collateral", [])):
-                amt = cl["amount"]
-                if isinstance(amt, bool) or not isinstance(amt, int | float) or not math.isfinite(amt) or amt < 0:
-                    raise ValueError(f"{path}.collateral[{ci}].amount: must be a non-negative number, got {amt!r}")
-                bal[r, slots[(cl["asset"], cl.get("chain", "ethereum"))]] += amt
+        filled = _fill_fast(rows, instruments, col, slots)
+        if filled is None:  # anything unusual (an error to name, netting within a row): the exact loop
+            filled = _fill_slow(rows, instruments, col, slots)
+        pos, entry, bal = filled
         return cls(
             account_ids=tuple(ids),
             pool_index=np.array([r[1] for r in rows], dtype=np.intp),
@@ -276,3 +250,102 @@ class Portfolio:
             market=market,
             as_of=as_of,
         )
+
+
+def _fill_slow(rows: list[tuple[str, int, Mapping[str, Any], str]], instruments: list[Instrument],
+               col: dict[str, int], slots: dict[tuple[str, str], int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions, entries and balances of ``rows``, position by position (validating; netting within a row)."""
+    a, n_i = len(rows), len(instruments)
+    pos = np.zeros((a, n_i))
+    entry = np.zeros((a, n_i))
+    bal = np.zeros((a, len(slots)))
+    for r, (_, _, acct, path) in enumerate(rows):
+        for pi, p in enumerate(acct.get("positions", [])):
+            where = f"{path}.positions[{pi}]"
+            iid = p["instrument"]
+            if iid not in col:
+                raise ValueError(f"{where}.instrument: unknown instrument {iid!r}")
+            size = p["size"]
+            if isinstance(size, bool) or not isinstance(size, int | float) or not math.isfinite(size):
+                raise ValueError(f"{where}.size: must be a finite number, got {size!r}")
+            ep = p.get("entry_price")
+            if size != 0 and (ep is None or not math.isfinite(ep) or ep <= 0 and not instruments[col[iid]].is_option):
+                raise ValueError(f"{where}.entry_price: must be a positive number, got {ep!r}")
+            c = col[iid]
+            old = pos[r, c]
+            new = old + size
+            # average entry of same-direction additions (netting within a row)
+            if old == 0 or np.sign(old) == np.sign(size):
+                entry[r, c] = (abs(old) * entry[r, c] + abs(size) * (ep or 0.0)) / max(abs(new), 1e-300)
+            elif np.sign(new) != np.sign(old) and new != 0:
+                entry[r, c] = ep
+            pos[r, c] = new
+        for ci, cl in enumerate(acct.get("collateral", [])):
+            amt = cl["amount"]
+            if isinstance(amt, bool) or not isinstance(amt, int | float) or not math.isfinite(amt) or amt < 0:
+                raise ValueError(f"{path}.collateral[{ci}].amount: must be a non-negative number, got {amt!r}")
+            bal[r, slots[(cl["asset"], cl.get("chain", "ethereum"))]] += amt
+    return pos, entry, bal
+
+
+_NUM = (int, float)
+
+
+def _fill_fast(rows: list[tuple[str, int, Mapping[str, Any], str]], instruments: list[Instrument],
+               col: dict[str, int], slots: dict[tuple[str, str], int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`_fill_slow` for the common case, with array operations: the same arrays, bit for bit (the same
+    floating-point expressions), or None when a row nets two positions of one instrument or anything fails
+    a check (then :func:`_fill_slow` runs and names the first error)."""
+    a, n_i = len(rows), len(instruments)
+    plists = [r[2].get("positions", []) for r in rows]
+    clists = [r[2].get("collateral", []) for r in rows]
+    flat = [p for lst in plists for p in lst]
+    try:
+        cidx = [col[p["instrument"]] for p in flat]
+    except (KeyError, TypeError):
+        return None
+    sizes = [p["size"] for p in flat]
+    eps = [p.get("entry_price") for p in flat]
+    if not all(type(x) in _NUM for x in sizes) or not all(x is None or type(x) in _NUM for x in eps):
+        return None
+    try:
+        size = np.array(sizes, dtype=np.float64)
+        ep = np.array([np.nan if x is None else x for x in eps], dtype=np.float64)
+    except OverflowError:
+        return None
+    prow = np.repeat(np.arange(a, dtype=np.intp), [len(lst) for lst in plists])
+    pcol = np.array(cidx, dtype=np.intp)
+    if not np.isfinite(size).all():
+        return None
+    is_opt = np.array([x.is_option for x in instruments], dtype=bool)
+    none = np.array([x is None for x in eps], dtype=bool)
+    live = size != 0
+    with np.errstate(invalid="ignore"):
+        bad = live & (none | ~np.isfinite(ep) | ((ep <= 0) & ~is_opt[pcol]))
+    if bad.any():
+        return None
+    key = prow * max(n_i, 1) + pcol
+    if len(np.unique(key)) != len(key):  # netting within a row: order matters, keep the loop's arithmetic
+        return None
+    pos = np.zeros((a, n_i))
+    entry = np.zeros((a, n_i))
+    # first (and only) position of its (row, instrument): old = 0, entry = (|0|*0 + |size|*(ep or 0)) / max(|size|, tiny)
+    ep0 = np.where(none | (ep == 0), 0.0, ep)
+    mag = np.abs(size)
+    entry[prow, pcol] = (0.0 * 0.0 + mag * ep0) / np.maximum(mag, 1e-300)
+    pos[prow, pcol] = 0.0 + size
+    bal = np.zeros((a, len(slots)))
+    cflat = [c for lst in clists for c in lst]
+    amts = [c["amount"] for c in cflat]
+    if not all(type(x) in _NUM for x in amts):
+        return None
+    try:
+        amt = np.array(amts, dtype=np.float64)
+    except OverflowError:
+        return None
+    if not (np.isfinite(amt).all() and (amt >= 0).all()):
+        return None
+    crow = np.repeat(np.arange(a, dtype=np.intp), [len(lst) for lst in clists])
+    cslot = np.array([slots[(c["asset"], c.get("chain", "ethereum"))] for c in cflat], dtype=np.intp)
+    np.add.at(bal, (crow, cslot), amt)  # in order, like the loop's +=
+    return pos, entry, bal

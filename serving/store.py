@@ -99,8 +99,29 @@ class FeedStore:
         if con is not None:
             con.close()
             self._local.con = None
+            self._local.cache = None
 
     # ------------------------------------------------------------------ reads
+    def current_cached(self, market: str) -> StoredRecord | None:
+        """:meth:`current`, from a per-thread in-memory copy while the database is unchanged.
+
+        The copy is dropped when another connection (another thread or process: ``volmargin publish``, an admin
+        publish) has committed since it was read (SQLite's ``PRAGMA data_version``, one cheap statement) or
+        when this connection appended a record; a hit costs no query of the records table and no JSON
+        parsing. Callers must not modify the returned record.
+        """
+        local = self._local
+        version = self._con().execute("PRAGMA data_version").fetchone()[0]
+        cache = getattr(local, "cache", None)
+        if cache is None or getattr(local, "version", None) != version:
+            cache = local.cache = {}
+            local.version = version
+        try:
+            return cache[market]
+        except KeyError:
+            rec = cache[market] = self.current(market)
+            return rec
+
     def current(self, market: str) -> StoredRecord | None:
         """The record with the highest update id of ``market`` (None when nothing was published)."""
         row = self._con().execute(
@@ -201,6 +222,7 @@ class FeedStore:
             if before_commit is not None:
                 before_commit()
             con.execute("COMMIT")
+            self._local.cache = None  # this connection's own commits do not change its data_version
         except BaseException:
             if con.in_transaction:
                 con.execute("ROLLBACK")
