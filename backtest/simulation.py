@@ -204,7 +204,9 @@ def ohlcv_arrays(bars: pd.DataFrame) -> dict[str, np.ndarray]:
     return out
 
 
-def window_bounds(times: pd.DatetimeIndex, start: Any, end: Any) -> tuple[int, int]:
+def window_bounds(times: pd.DatetimeIndex, start: Any, end: Any, what: str = "backtest") -> tuple[int, int]:
+    """``(i0, i1)``: first and last bar of the window ``[start, end)``; ``what`` names the window in the error."""
+
     def ts(x: Any) -> pd.Timestamp:
         t = pd.Timestamp(x)
         return t.tz_localize("UTC") if t.tz is None and times.tz is not None else t
@@ -212,7 +214,7 @@ def window_bounds(times: pd.DatetimeIndex, start: Any, end: Any) -> tuple[int, i
     i0 = 0 if start is None else int(times.searchsorted(ts(start), side="left"))
     i1 = len(times) - 1 if end is None else int(times.searchsorted(ts(end), side="left")) - 1
     if i1 - i0 < 1:
-        raise ValueError(f"backtest window [{start}, {end}) holds {max(i1 - i0 + 1, 0)} bars, needs at least 2")
+        raise ValueError(f"{what} window [{start}, {end}) holds {max(i1 - i0 + 1, 0)} bars, needs at least 2")
     return i0, i1
 
 

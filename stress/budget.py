@@ -38,6 +38,19 @@ __all__ = ["BudgetSettings", "Calibration", "ScaledPolicy", "calibration", "brin
            "collateral_spread"]
 
 
+def config_section(cls: type, d: Mapping[str, Any], where: str) -> Any:
+    """The dataclass ``cls`` from the mapping of a ``stress.yaml`` section; unknown keys and bad values are
+    errors naming the section (``stress config: budget has unknown keys [...]``)."""
+    valid = {f.name for f in fields(cls)}
+    unknown = set(d) - valid
+    if unknown:
+        raise ValueError(f"stress config: {where} has unknown keys {sorted(unknown)}; valid: {sorted(valid)}")
+    try:
+        return cls(**d)
+    except TypeError as exc:
+        raise ValueError(f"stress config: {where}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class BudgetSettings:
     """``budget:`` in configs/stress.yaml.
@@ -106,14 +119,7 @@ class BudgetSettings:
             return cls(collateral=float(d))
         if not isinstance(d, Mapping):
             raise ValueError(f"stress config: budget must be a number or a mapping, got {d!r}")
-        valid = {f.name for f in fields(cls)}
-        unknown = set(d) - valid
-        if unknown:
-            raise ValueError(f"stress config: budget has unknown keys {sorted(unknown)}; valid: {sorted(valid)}")
-        try:
-            return cls(**d)
-        except TypeError as exc:
-            raise ValueError(f"stress config: budget: {exc}") from None
+        return config_section(cls, d, "budget")
 
 
 def place_population(n_bars: int, start: int, end: int, cfg: PopulationConfig) -> Population:

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from backtest.population import Population
-from backtest.simulation import BacktestConfig, ohlcv_arrays
+from backtest.simulation import BacktestConfig, ohlcv_arrays, window_bounds
 from margin.liquidation import Ledger, liquidate_isolated
 from margin.path import MarginPath
 from stress.agents import AgentConfig, Agents
@@ -40,7 +40,7 @@ from stress.impact import ImpactModel, Oracle, depth_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CascadeConfig", "CascadeResult", "run_cascade", "window_bounds"]
+__all__ = ["CascadeConfig", "CascadeResult", "run_cascade"]
 
 
 @dataclass(frozen=True)
@@ -117,19 +117,6 @@ class CascadeResult:
         return {k: float(getattr(self, k)) for k in keys}
 
 
-def window_bounds(times: pd.DatetimeIndex, start: Any, end: Any) -> tuple[int, int]:
-    """``(i0, i1)``: first and last bar of the window ``[start, end)`` (the backtest's convention)."""
-    def ts(x: Any) -> pd.Timestamp:
-        t = pd.Timestamp(x)
-        return t.tz_localize("UTC") if t.tz is None and times.tz is not None else t
-
-    i0 = 0 if start is None else int(times.searchsorted(ts(start), side="left"))
-    i1 = len(times) - 1 if end is None else int(times.searchsorted(ts(end), side="left")) - 1
-    if i1 - i0 < 1:
-        raise ValueError(f"stress window [{start}, {end}) holds {max(i1 - i0 + 1, 0)} bars, needs at least 2")
-    return i0, i1
-
-
 def run_cascade(
     bars: pd.DataFrame,
     path: MarginPath,
@@ -169,7 +156,7 @@ def run_cascade(
     if population.n_bars != n:
         raise ValueError(f"population was drawn for {population.n_bars} bars but bars has {n}")
     times = pd.DatetimeIndex(bars.index)
-    i0, i1 = window_bounds(times, start, end)
+    i0, i1 = window_bounds(times, start, end, what="stress")
     settings = bt.settings
     pc = population.cfg
     xo, xh, xl, xc = px["open"], px["high"], px["low"], px["close"]

@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 
 from backtest.population import Population
-from backtest.simulation import ohlcv_arrays
+from backtest.simulation import ohlcv_arrays, window_bounds
 from margin.path import MarginPath
-from stress.cascade import CascadeConfig, window_bounds
+from stress.cascade import CascadeConfig
 from stress.impact import depth_path
 
 __all__ = ["reference_cascade"]
@@ -45,7 +45,7 @@ def reference_cascade(bars: pd.DataFrame, path: MarginPath, population: Populati
     o_, h_, l_, c_ = (px[k].tolist() for k in ("open", "high", "low", "close"))
     n = len(c_)
     times = pd.DatetimeIndex(bars.index)
-    i0, i1 = window_bounds(times, start, end)
+    i0, i1 = window_bounds(times, start, end, what="stress")
     fr = population.funding_series(n).tolist() if bt.funding else [0.0] * n
     if bt.funding and bt.funding_rate is not None:
         fr = np.broadcast_to(np.asarray(bt.funding_rate, dtype=np.float64), (n,)).tolist()

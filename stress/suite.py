@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from margin.controls import Controls
 from margin.params import LiquidationSettings
 from margin.policies import PolicyContext
 from stress.agents import AgentConfig
-from stress.budget import BudgetSettings, collateral_spread
+from stress.budget import BudgetSettings, collateral_spread, config_section
 from stress.cascade import CascadeConfig
 from stress.compare import PolicySpec, build_policy, forecast_for, reverse_stress, stress_policy
 from stress.impact import ImpactModel, Oracle
@@ -61,17 +61,6 @@ def _sub(d: Mapping[str, Any], key: str) -> dict[str, Any]:
     return dict(v)
 
 
-def _make(cls: type, d: Mapping[str, Any], where: str) -> Any:
-    valid = {f.name for f in fields(cls)}
-    unknown = set(d) - valid
-    if unknown:
-        raise ValueError(f"stress config: {where} has unknown keys {sorted(unknown)}; valid: {sorted(valid)}")
-    try:
-        return cls(**d)
-    except TypeError as exc:
-        raise ValueError(f"stress config: {where}: {exc}") from None
-
-
 @dataclass(frozen=True)
 class StressSettings:
     """Validated configs/stress.yaml (see docs/stress.md for every key)."""
@@ -98,11 +87,11 @@ def load_settings(d: Mapping[str, Any]) -> StressSettings:
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"stress config has unknown keys {sorted(unknown)}; valid: {sorted(known)}")
-    liq = _make(LiquidationSettings, _sub(d, "liquidation"), "liquidation")
-    bt = _make(BacktestConfig, {**_sub(d, "backtest"), "liquidation": liq}, "backtest")
-    ccfg = CascadeConfig(backtest=bt, impact=_make(ImpactModel, _sub(d, "impact"), "impact"),
-                         oracle=_make(Oracle, _sub(d, "oracle"), "oracle"),
-                         agents=_make(AgentConfig, _sub(d, "agents"), "agents"),
+    liq = config_section(LiquidationSettings, _sub(d, "liquidation"), "liquidation")
+    bt = config_section(BacktestConfig, {**_sub(d, "backtest"), "liquidation": liq}, "backtest")
+    ccfg = CascadeConfig(backtest=bt, impact=config_section(ImpactModel, _sub(d, "impact"), "impact"),
+                         oracle=config_section(Oracle, _sub(d, "oracle"), "oracle"),
+                         agents=config_section(AgentConfig, _sub(d, "agents"), "agents"),
                          max_waves=int(d.get("max_waves", 100)))
     pols = d.get("policies")
     if not isinstance(pols, list) or not pols:
@@ -123,12 +112,12 @@ def load_settings(d: Mapping[str, Any]) -> StressSettings:
             raise ValueError(f"stress config: scenarios.{g}.calibration_bars must be an integer >= 10, got {cb!r}")
     venues = _sub(d, "venues")
     if "liquidation" in venues:
-        venues["liquidation"] = _make(LiquidationSettings, venues["liquidation"], "venues.liquidation")
+        venues["liquidation"] = config_section(LiquidationSettings, venues["liquidation"], "venues.liquidation")
     return StressSettings(
         name=str(d.get("name", "stress")),
         population=PopulationConfig.from_dict(_sub(d, "population")),
         cascade=ccfg, controls=Controls.from_dict(_sub(d, "controls")), policies=specs,
-        scenarios=scenarios, reverse=_sub(d, "reverse"), venues=_make(VenueConfig, venues, "venues"),
+        scenarios=scenarios, reverse=_sub(d, "reverse"), venues=config_section(VenueConfig, venues, "venues"),
         budget=budget, feedback_rounds=fb, raw=dict(d),
     )
 

@@ -67,7 +67,6 @@ from volmargin.run_assets import (
     evaluate_asset,
     evaluate_assets,
     horizon_breaches,
-    static_name,
 )
 from volmargin.run_inputs import AssetInputs, forecast_from_table, load_assets
 
@@ -88,7 +87,6 @@ __all__ = [
     "horizon_breaches",
     "load_assets",
     "run_job",
-    "static_name",
 ]
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,6 @@ from volmargin.run_inputs import AssetInputs
 __all__ = [
     "VAR_POLICIES",
     "AssetOutcome",
-    "static_name",
     "build_controls",
     "build_population_config",
     "build_backtest_config",
@@ -38,12 +37,6 @@ Progress = Callable[[str, int, int], None]
 
 #: Policies whose margin is a VaR/ES quantile at a stated confidence: Basel traffic light applies.
 VAR_POLICIES = ("ewma_ccp", "garch_fhs")
-
-
-def static_name(level: float) -> str:
-    """Policy name of a static IM level: ``static_0.10``, ``static_0.125``."""
-    s = f"{level:.2f}"
-    return f"static_{s}" if float(s) == level else f"static_{level:g}"
 
 
 # ---------------------------------------------------------------------------- margin-side settings

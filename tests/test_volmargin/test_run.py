@@ -16,7 +16,7 @@ from backtest.budgets import scaled_path
 from data_pipelines.synthetic import simulate
 from volmargin.cli import app
 from volmargin.config import RunConfig, load_config
-from volmargin.run import config_hash, headline_numbers, horizon_breaches, static_name
+from volmargin.run import config_hash, headline_numbers, horizon_breaches
 
 runner = CliRunner()
 
@@ -258,11 +258,6 @@ class TestConfigErrors:
 
 
 class TestHelpers:
-    def test_static_name(self) -> None:
-        assert static_name(0.1) == "static_0.10"
-        assert static_name(0.125) == "static_0.125"
-        assert static_name(0.5) == "static_0.50"
-
     def test_headline_numbers(self) -> None:
         assets = {"A": {"budgets": {"0.1": {"predictive": {"share_of_bound": 0.2}, "checks": {"met": False}},
                                     "0.2": {"predictive": {"share_of_bound": None}, "checks": {"met": False}}}},
