@@ -185,13 +185,13 @@ class Portfolio:
                 raise ValueError(f"$.instruments[{k}].underlying: no mark for underlying {x.underlying!r} in $.marks.underlyings")
             if x.is_option and (x.instrument_id not in market.instrument_mark or x.instrument_id not in market.implied_vol):
                 raise ValueError(f"$.marks.instruments.{x.instrument_id}: option needs 'mark' and 'iv'")
-        rows: list[tuple[str, int, Mapping[str, Any], str]] = []
+        rows: list[tuple[str, int, Mapping[str, Any], int | None]] = []  # (id, pool, row, subaccount number)
         pool_ids: list[str] = []
         for ai, acct in enumerate(d["accounts"]):
             pool_ids.append(acct["id"])
-            rows.append((acct["id"], ai, acct, f"$.accounts[{ai}]"))
-            for si, sub in enumerate(acct.get("subaccounts", [])):
-                rows.append((sub["id"], ai, sub, f"$.accounts[{ai}].subaccounts[{si}]"))
+            rows.append((acct["id"], ai, acct, None))
+            for si, sub in enumerate(acct.get("subaccounts", ())):
+                rows.append((sub["id"], ai, sub, si))
         ids = [r[0] for r in rows]
         if len(set(ids)) != len(ids):
             dup = sorted({x for x in ids if ids.count(x) > 1})
@@ -252,14 +252,15 @@ class Portfolio:
         )
 
 
-def _fill_slow(rows: list[tuple[str, int, Mapping[str, Any], str]], instruments: list[Instrument],
+def _fill_slow(rows: list[tuple[str, int, Mapping[str, Any], int | None]], instruments: list[Instrument],
                col: dict[str, int], slots: dict[tuple[str, str], int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Positions, entries and balances of ``rows``, position by position (validating; netting within a row)."""
     a, n_i = len(rows), len(instruments)
     pos = np.zeros((a, n_i))
     entry = np.zeros((a, n_i))
     bal = np.zeros((a, len(slots)))
-    for r, (_, _, acct, path) in enumerate(rows):
+    for r, (_, ai, acct, si) in enumerate(rows):
+        path = f"$.accounts[{ai}]" if si is None else f"$.accounts[{ai}].subaccounts[{si}]"
         for pi, p in enumerate(acct.get("positions", [])):
             where = f"{path}.positions[{pi}]"
             iid = p["instrument"]
@@ -288,10 +289,11 @@ def _fill_slow(rows: list[tuple[str, int, Mapping[str, Any], str]], instruments:
     return pos, entry, bal
 
 
-_NUM = (int, float)
+_NUM = {int, float}  # exact types: bool (a subclass of int) is not a number here
+_NUM_OR_NONE = {int, float, type(None)}
 
 
-def _fill_fast(rows: list[tuple[str, int, Mapping[str, Any], str]], instruments: list[Instrument],
+def _fill_fast(rows: list[tuple[str, int, Mapping[str, Any], int | None]], instruments: list[Instrument],
                col: dict[str, int], slots: dict[tuple[str, str], int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """:func:`_fill_slow` for the common case, with array operations: the same arrays, bit for bit (the same
     floating-point expressions), or None when a row nets two positions of one instrument or anything fails
@@ -306,7 +308,7 @@ def _fill_fast(rows: list[tuple[str, int, Mapping[str, Any], str]], instruments:
         return None
     sizes = [p["size"] for p in flat]
     eps = [p.get("entry_price") for p in flat]
-    if not all(type(x) in _NUM for x in sizes) or not all(x is None or type(x) in _NUM for x in eps):
+    if not set(map(type, sizes)) <= _NUM or not set(map(type, eps)) <= _NUM_OR_NONE:
         return None
     try:
         size = np.array(sizes, dtype=np.float64)
@@ -337,7 +339,7 @@ def _fill_fast(rows: list[tuple[str, int, Mapping[str, Any], str]], instruments:
     bal = np.zeros((a, len(slots)))
     cflat = [c for lst in clists for c in lst]
     amts = [c["amount"] for c in cflat]
-    if not all(type(x) in _NUM for x in amts):
+    if not set(map(type, amts)) <= _NUM:
         return None
     try:
         amt = np.array(amts, dtype=np.float64)

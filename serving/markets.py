@@ -180,15 +180,25 @@ class FailsafeCfg(_Strict):
 
 
 class GridCfg(_Strict):
-    """Dynamic scenario grid: ``points`` spot shocks spanning ``± sigmas × σ_h`` of the forecast (σ_h over
-    ``horizon`` steps), with ``vol_shocks``; the portfolio-margin grid moves with the forecast."""
+    """Dynamic scenario grid. ``source: forecast`` (default): ``points`` spot shocks spanning ``± sigmas × σ_h`` of
+    the market's forecast (σ_h over ``horizon`` steps), with ``vol_shocks``. ``source: dynamic_grid``: the grid the
+    fitted ``dynamic_grid`` policy of a run set for this underlying at the market's last bar, read from
+    ``params_from`` (a run directory holding ``portfolio_grid.json``, or that file; written by ``volmargin run``)."""
 
     dynamic: bool = True
+    source: Literal["forecast", "dynamic_grid"] = "forecast"
+    params_from: str | None = None
     sigmas: float = Field(4.0, gt=0, le=20)
     points: int = Field(11, ge=3, le=101)
     vol_shocks: tuple[float, ...] = (-0.25, 0.0, 0.25)
     min_shock: float = Field(0.02, gt=0, lt=1)
     max_shock: float = Field(0.9, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _source_needs_a_run(self) -> GridCfg:
+        if self.source == "dynamic_grid" and not self.params_from:
+            raise ValueError("source dynamic_grid needs params_from (a run directory with portfolio_grid.json)")
+        return self
 
 
 class TierCfg(_Strict):

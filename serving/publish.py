@@ -87,6 +87,7 @@ class Computed:
     lineage: dict[str, Any]
     sigma_h: float | None = None
     adjustments: tuple[str, ...] = field(default_factory=tuple)
+    grid: dict[str, Any] | None = None  # the dynamic_grid policy's scenario grid (scenario_grid.source)
 
 
 def market_policy(name: str, params: dict[str, Any]) -> Any:
@@ -206,6 +207,12 @@ def compute_proposal(
         age = clock - feats.index[-1]
         return fail(f"input stale: last bar {lineage['last_bar']} is {age} old at {clock.isoformat()} "
                     f"(failsafe.max_input_age {mcfg.failsafe.max_input_age})")
+    grid = None
+    if mcfg.scenario_grid is not None and mcfg.scenario_grid.dynamic and mcfg.scenario_grid.source == "dynamic_grid":
+        try:
+            grid = _dynamic_grid(mcfg, feats.index[-1], lineage)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return fail(f"dynamic grid unavailable: {exc}")
     try:
         mf = model_forecast(market_id, mcfg.model, feats, tracking_uri=uri, cache_dir=markets.feed.cache_dir)
     except ModelUnavailable as exc:
@@ -227,15 +234,45 @@ def compute_proposal(
     forecast.update(raw_im=im if math.isfinite(im) else None, raw_mm=mm if math.isfinite(mm) else None)
     if fit_info is not None:
         lineage["policy"]["fit"] = fit_info
-    return Computed(Proposal(im=im, mm=mm), forecast, lineage, sigma_h)
+    return Computed(Proposal(im=im, mm=mm), forecast, lineage, sigma_h, grid=grid)
 
 
-def _grid(mcfg: MarketCfg, base: dict[str, Any], sigma_h: float | None, prev_grid: dict[str, Any] | None) -> dict[str, Any]:
+def _dynamic_grid(mcfg: MarketCfg, last_bar: pd.Timestamp, lineage: dict[str, Any]) -> dict[str, Any]:
+    """The scenario grid the ``dynamic_grid`` policy of a run (``scenario_grid.params_from``) set for this market's
+    underlying at ``last_bar`` (the grid in force for open positions, as ``volmargin margin --params-from``)."""
+    from margin.dynamic_grid import GridPath
+
+    g = mcfg.scenario_grid
+    if g is None or g.params_from is None:
+        raise ValueError("scenario_grid.params_from is not set")
+    src = Path(g.params_from)
+    path = src / "portfolio_grid.json" if src.is_dir() else src
+    if not path.is_file():
+        raise FileNotFoundError(f"scenario_grid.params_from: no portfolio_grid.json at {path}")
+    gp = GridPath.read(path)
+    if mcfg.underlying not in gp.underlyings:
+        raise ValueError(f"{path} has no grid for underlying {mcfg.underlying!r} (it has {list(gp.underlyings)})")
+    i = gp.index_at(last_bar)
+    at = gp.times[i]
+    age_max = mcfg.max_input_age_s
+    if age_max is not None and (last_bar - at).total_seconds() > age_max:
+        raise ValueError(f"its last grid ({at.isoformat()}) is older than failsafe.max_input_age "
+                         f"{mcfg.failsafe.max_input_age} at the last bar {last_bar.isoformat()}")
+    sg = gp.grid(i, list(gp.underlyings).index(mcfg.underlying)).to_dict()
+    lineage["scenario_grid"] = {"source": "dynamic_grid", "file": str(path), "bar": at.isoformat().replace("+00:00", "Z"),
+                                "spot_range": max(abs(x) for x in sg["spot_shocks"])}
+    return sg
+
+
+def _grid(mcfg: MarketCfg, base: dict[str, Any], sigma_h: float | None, prev_grid: dict[str, Any] | None,
+          policy_grid: dict[str, Any] | None = None) -> dict[str, Any]:
     g = mcfg.scenario_grid
     sg = dict(base.get("scenario_grid") or ScenarioGrid().to_dict())
     if g is None or not g.dynamic:
         return sg
-    if sigma_h is None or not math.isfinite(sigma_h):
+    if g.source == "dynamic_grid" and policy_grid is not None:
+        return dict(policy_grid)
+    if sigma_h is None or not math.isfinite(sigma_h) or g.source == "dynamic_grid":
         if prev_grid is not None:  # fallback: keep the last grid, never narrow it
             return dict(prev_grid)
         s = g.max_shock
@@ -247,7 +284,7 @@ def _grid(mcfg: MarketCfg, base: dict[str, Any], sigma_h: float | None, prev_gri
 
 
 def build_params(mcfg: MarketCfg, d: Decision, now_s: int, sigma_h: float | None,
-                 prev_doc: StoredRecord | None) -> MarginParams:
+                 prev_doc: StoredRecord | None, policy_grid: dict[str, Any] | None = None) -> MarginParams:
     """The whole ``MarginParams`` of a decision: base fields, tiers, pending MM, dynamic grid, validity."""
     base = dict(mcfg.params)
     im, mm = from_units(d.im), from_units(d.mm)
@@ -264,7 +301,7 @@ def build_params(mcfg: MarketCfg, d: Decision, now_s: int, sigma_h: float | None
         kw.update(mm_rate_pending=from_units(d.mm_pending),
                   mm_effective_from=datetime.fromtimestamp(d.mm_effective_from, UTC))
     prev_grid = prev_doc["params"].get("scenario_grid") if prev_doc is not None else None
-    kw["scenario_grid"] = _grid(mcfg, base, sigma_h, prev_grid)
+    kw["scenario_grid"] = _grid(mcfg, base, sigma_h, prev_grid, policy_grid)
     kw["valid_from"] = datetime.fromtimestamp(now_s, UTC)
     kw["valid_until"] = datetime.fromtimestamp(now_s, UTC) + timedelta(seconds=mcfg.valid_for_s)
     return MarginParams.from_dict(_params_dict(kw))
@@ -358,7 +395,8 @@ def publish_market(
         if d.skip:
             skipped.append(d.skip)
             return None
-        params = build_params(mcfg, d, now_s, comp.sigma_h if not d.fallback else None, cur)
+        params = build_params(mcfg, d, now_s, comp.sigma_h if not d.fallback else None, cur,
+                              comp.grid if not d.fallback else None)
         rec = FeedRecord(market=market_id, update_id=1 if prev is None else prev.update_id + 1, params=params,
                          forecast=comp.forecast, previous=_previous(cur), fallback=d.fallback,
                          fallback_reason=d.reason, lineage=comp.lineage, adjustments=d.adjustments)

@@ -21,6 +21,7 @@ from serving.margin_api import (
     _accounts_validator,
     _fast_check,
     _fast_validator,
+    _validated_json,
     dump_response,
     parse_portfolio,
 )
@@ -107,6 +108,21 @@ def test_fast_check_agrees_with_the_schema(path, op, value, key):
     assert fast == _verdict_full(doc), (path, op, value)
     if fast:
         assert _verdict_engine(doc)
+    one_pass = _validated_json(json.dumps(doc).encode())  # parse + validate from the bytes: same verdict, same doc
+    assert (one_pass is not None) == fast, (path, op, value)
+    if one_pass is not None:
+        assert one_pass == doc
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("where", [b'"LTC": 100.0', b'"amount": 10.0', b'"size": -1.5'])
+def test_one_pass_refuses_non_finite_numbers_anywhere(literal, where):
+    body = json.dumps(BASE).encode()
+    assert where in body
+    bad = body.replace(where, where.split(b":")[0] + b": " + literal.encode(), 1)
+    assert _validated_json(bad) is None
+    with pytest.raises(PortfolioError, match="finite"):
+        parse_portfolio(bad)
 
 
 @pytest.mark.parametrize(

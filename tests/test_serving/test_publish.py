@@ -76,3 +76,45 @@ def test_paused_market_is_not_published(tmp_path, cache_dir):
     store.set_paused("ETH-PERP", True, "incident")
     res = publish_market(cfg, "ETH-PERP", store, KEY, now=T0)
     assert res.record is None and res.skipped == "market ETH-PERP is paused: incident"
+
+
+def test_market_takes_the_dynamic_grid_policy_of_a_run(tmp_path, cache_dir):
+    """``scenario_grid: {source: dynamic_grid, params_from: RUN_DIR}``: the record's grid is the one the run's
+    ``dynamic_grid`` path set for the underlying at the market's last bar; an unreadable run gives a fallback."""
+    from dataclasses import replace
+
+    from margin.dynamic_grid import static_grid_path
+
+    times = pd.date_range("2019-01-01", "2020-12-31", freq="D", tz="UTC")
+    base = static_grid_path(times, ("BTC", "ETH"), 0.1, vol_shock=0.3, n_spot=9, mm_fraction=0.7)
+    ranges = np.linspace(0.05, 0.4, len(times))[:, None] * np.ones((1, 2))
+    path = replace(base, range_new=ranges, range_open=ranges.copy())
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path.write(run_dir / "portfolio_grid.json")
+    doc = markets_doc(tmp_path, cache_dir)
+    doc["markets"]["BTC-PERP"]["scenario_grid"] = {"source": "dynamic_grid", "params_from": str(run_dir)}
+    doc["markets"]["GONE-PERP"] = {**doc["markets"]["BTC-PERP"],
+                                   "scenario_grid": {"source": "dynamic_grid", "params_from": str(tmp_path / "nope")}}
+    cfg = load_markets(doc)
+    store = FeedStore(cfg.feed.db)
+    as_of = datetime(2020, 3, 12, tzinfo=UTC)
+    rec = publish_market(cfg, "BTC-PERP", store, KEY, as_of=as_of, now=T0).record
+    assert rec is not None and not rec["fallback"]
+    i = times.get_loc(pd.Timestamp(as_of))
+    shocks = rec["params"]["scenario_grid"]["spot_shocks"]
+    assert len(shocks) == 9 and abs(max(shocks) - ranges[i, 0]) < 1e-12 and abs(min(shocks) + ranges[i, 0]) < 1e-12
+    assert rec["params"]["scenario_grid"]["mm_fraction"] == 0.7
+    assert rec["lineage"]["scenario_grid"]["bar"] == "2020-03-12T00:00:00Z"
+    assert verify_record(rec, now=T0).market == "BTC-PERP"
+    r = publish_market(cfg, "GONE-PERP", store, KEY, as_of=as_of, now=T0).record
+    assert r["fallback"] and r["fallback_reason"].startswith("dynamic grid unavailable: scenario_grid.params_from")
+
+
+def test_dynamic_grid_source_needs_a_run():
+    import pytest
+
+    from serving.markets import GridCfg
+
+    with pytest.raises(ValueError, match="params_from"):
+        GridCfg(source="dynamic_grid")
