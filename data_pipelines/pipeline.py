@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -44,6 +45,7 @@ __all__ = [
     "read_prepared",
     "list_datasets",
     "asset_label",
+    "split_label",
     "data_dir",
 ]
 
@@ -105,11 +107,25 @@ class DatasetInfo:
     path: str | None = None
 
 
+_LABEL = re.compile(r"#([A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
+
+
+def split_label(source_id: str) -> tuple[str, str | None]:
+    """``"csv:data/sol.csv#SOL"`` -> ``("csv:data/sol.csv", "SOL")``: an id may end in ``#LABEL`` (letters, digits,
+    ``.``, ``_``, ``-``; at most 64) naming the asset of a user's file; ``(source_id, None)`` without one."""
+    m = _LABEL.search(source_id)
+    return (source_id[:m.start()], m.group(1)) if m else (source_id, None)
+
+
 def asset_label(source_id: str) -> str:
     """Short unique label of a data set: ``"BTC"``, ``"ETH"``, ``"LTC"``, ``"BTC-1d"``, ``"BTC-15m"``, ``"SP500"``.
 
-    Cached sets use their folder name, files their file stem.
+    An explicit ``#LABEL`` at the end of the id wins (``csv:data/prices.csv#SOL`` -> ``"SOL"``); otherwise
+    cached sets use their folder name, files their file stem.
     """
+    source_id, explicit = split_label(source_id)
+    if explicit:
+        return explicit
     if source_id in BUNDLED:
         return BUNDLED[source_id].asset
     if source_id.startswith("bundled:"):
@@ -159,12 +175,12 @@ def prepare_dataset(source_id: str, *, policy: Policy = "repair", asset: str | N
         raise ValueError(f"source_id must be a non-empty string, got {source_id!r}")
     source_id = source_id.strip()
     label = asset or asset_label(source_id)
-    raw = _load(source_id, asset=label, bar=bar, calendar=calendar)
+    raw = _load(split_label(source_id)[0], asset=label, bar=bar, calendar=calendar)
     bars, report = check_and_clean(raw, policy=policy, bar=bar, extreme_sigma=extreme_sigma, calendar=calendar)
     if bars.empty:
         raise ValueError(f"{source_id}: no rows left after the quality checks (policy={policy!r}); see the report")
     rv = None
-    intraday_id = intraday or INTRADAY_FOR.get(source_id)
+    intraday_id = intraday or INTRADAY_FOR.get(split_label(source_id)[0])
     if intraday_id:
         iraw = _load(intraday_id, asset=None, bar=None, calendar=None)
         ibars, _ = check_and_clean(iraw, policy="repair" if policy == "fail" else policy)

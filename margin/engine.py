@@ -300,8 +300,9 @@ class _PoolRows:
         new_pool = np.repeat(np.arange(len(pools)), cnt)
         rows = self.order[np.repeat(first - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))]
         sub_pf = copy.copy(pf)  # keeps the instrument arrays; only the row fields change
-        for name, value in (("account_ids", tuple(pf.account_ids[r] for r in rows.tolist())), ("pool_index", new_pool),
-                            ("pool_ids", tuple(pf.pool_ids[k] for k in pools.tolist())),
+        for name, value in (("account_ids", tuple(map(pf.account_ids.__getitem__, rows.tolist()))),
+                            ("pool_index", new_pool),
+                            ("pool_ids", tuple(map(pf.pool_ids.__getitem__, pools.tolist()))),
                             ("positions", pf.positions[rows]), ("entry", pf.entry[rows]),
                             ("balances", pf.balances[rows])):
             object.__setattr__(sub_pf, name, value)

@@ -31,6 +31,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_parquet",
     "flatten_metrics",
+    "mlflow_key",
     "TrainingTracker",
     "plot_forecast_vs_proxy",
     "plot_rolling_qlike",
@@ -169,9 +170,9 @@ class TrainingTracker:
         """Start the parent run; returns its id."""
         mlflow = self._mlflow
         mlflow.set_experiment(self.experiment)
-        run = mlflow.start_run(run_name=run_name, tags=dict(tags or {}))
+        run = mlflow.start_run(run_name=run_name, tags={mlflow_key(k): v for k, v in (tags or {}).items()})
         self.parent_run_id = run.info.run_id
-        mlflow.log_params({k: _param(v) for k, v in params.items()})
+        mlflow.log_params({mlflow_key(k): _param(v) for k, v in params.items()})
         return run.info.run_id
 
     def end(self, status: str = "FINISHED") -> None:
@@ -283,7 +284,13 @@ class TrainingTracker:
 
         client = MlflowClient(self.tracking_uri)
         for k, v in tags.items():
-            client.set_tag(self.parent_run_id, k, str(v)[:5000])
+            client.set_tag(self.parent_run_id, mlflow_key(k), str(v)[:5000])
+
+
+def mlflow_key(name: str) -> str:
+    """``name`` as an MLflow param/metric/tag key: characters MLflow refuses (anything but letters, digits, ``_``,
+    ``-``, ``.``, space, ``:`` and ``/``; e.g. the ``#`` of ``csv:prices.csv#SOL``) become ``_``."""
+    return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in name)
 
 
 def _param(v: Any) -> str:

@@ -279,8 +279,10 @@ class RunOutput:
 
 def _flat_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
+    from training.tracking import mlflow_key
+
     for k, v in d.items():
-        name = f"{prefix}{k}"
+        name = mlflow_key(f"{prefix}{k}")
         if isinstance(v, Mapping) and v:
             out.update(_flat_params(v, name + "."))
         else:

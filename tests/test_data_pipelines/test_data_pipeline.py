@@ -15,6 +15,7 @@ from data_pipelines.pipeline import (
     list_datasets,
     prepare_dataset,
     read_prepared,
+    split_label,
     write_prepared,
 )
 from data_pipelines.sources import BUNDLED
@@ -71,6 +72,16 @@ def test_asset_label() -> None:
     assert asset_label("cached:BTC") == "BTC"
     with pytest.raises(ValueError, match="unknown source 'bundled:x/Y'"):
         asset_label("bundled:x/Y")
+    # an explicit label at the end of the id names a user's file's asset
+    assert asset_label("csv:/x/y/prices.csv#SOL") == "SOL" and asset_label("bundled:bitstamp/BTC#XBT") == "XBT"
+    assert split_label("parquet:/a#b/c.parquet") == ("parquet:/a#b/c.parquet", None)  # '#' inside a path stays
+
+
+def test_explicit_label_loads_the_same_bars() -> None:
+    src = str(FIX / "ohlcv_clean.csv")
+    plain, labelled = prepare_dataset(src), prepare_dataset(f"{src}#MYCOIN")
+    assert labelled.asset == "MYCOIN" and plain.asset == "ohlcv_clean"
+    pd.testing.assert_frame_equal(labelled.bars, plain.bars, check_freq=False)
 
 
 def test_list_datasets_bundled_and_cached(tmp_path: Path) -> None:

@@ -59,9 +59,9 @@ def tiny_config(root: Path, dataset: str, **over: object) -> dict:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("run")
-    csv = root / "SYN.csv"
+    csv = root / "prices.csv"  # a user's file; the asset label is given in the id (``#SYN``), not the file name
     simulate(700, seed=3, start="2019-01-01").bars.to_csv(csv)
-    dataset = f"csv:{csv}"
+    dataset = f"csv:{csv}#SYN"
     cfg_path = root / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config(root, dataset)))
     outs = []
