@@ -1,11 +1,22 @@
 """Other traders around the leveraged population: momentum, mean reversion, market makers, noise.
 
-Each acts at a bar's open on what it saw up to the previous close (log prices of the MARKET, which carry
-the impact of earlier liquidations, so the agents feed back on cascades) and sends a signed USD flow
-(+ = buy) that moves the price through the impact model:
+Each acts at a bar's open on what it saw up to the previous close and sends a signed USD flow (+ = buy) that
+moves the price through the impact model. What it watches (``signal``):
 
-* momentum: ``momentum_usd × 100 × (ln p_{t-1} - ln p_{t-1-momentum_lookback})`` (USD per 1 % move);
-* mean reversion: ``-mean_reversion_usd × 100 × (ln p_{t-1} - mean ln p over mr_window bars)``;
+* ``"deviation"`` (default): ``x_t = ln(market close) - ln(exogenous close)``, the part of the price the
+  simulation itself made (liquidation flow, the agents' own flow). The exogenous bars already are the market with
+  its usual traders in it, so the agents react only to what the leveraged population and the cascade add: with no
+  liquidations they never trade and the market is the exogenous bars;
+* ``"price"``: ``x_t = ln(market close)``, the whole price. The agents then also trade the exogenous moves (a
+  second copy of the traders already in the bars); with square-root impact, whose slope is unbounded at small
+  flows, momentum on the price can drive the market far from the bars with no liquidation at all (on the calm
+  15-minute base of configs/stress.yaml, -5.7 % before the shock; liquidations under "volatility x3" from
+  0 to 19 M USD). Kept for comparison.
+
+Flows, with ``x`` the watched series:
+
+* momentum: ``momentum_usd × 100 × (x_{t-1} - x_{t-1-momentum_lookback})`` (USD per 1 % move);
+* mean reversion: ``-mean_reversion_usd × 100 × (x_{t-1} - mean x over mr_window bars)``;
 * noise: ``noise_usd × N(0, 1)`` from ``numpy.random.default_rng(seed)``;
 * market makers absorb the share ``mm_absorb`` of each bar's liquidation flow up to ``mm_capacity_usd``
   per bar, a capacity that shrinks with the liquidity providers' withdrawal in stress.
@@ -17,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -36,8 +47,11 @@ class AgentConfig:
     mm_absorb: float = 0.0
     mm_capacity_usd: float = 0.0
     seed: int = 0
+    signal: Literal["deviation", "price"] = "deviation"
 
     def __post_init__(self) -> None:
+        if self.signal not in ("deviation", "price"):
+            raise ValueError(f"agents.signal must be 'deviation' or 'price', got {self.signal!r}")
         for name in ("momentum_usd", "mean_reversion_usd", "noise_usd", "mm_capacity_usd"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
@@ -69,7 +83,8 @@ class Agents:
     def flow(self, t: int, log_price: np.ndarray) -> float:
         """Signed USD flow of the directional agents at the open of bar ``t``.
 
-        ``log_price[:t]`` are the market's log closes up to ``t - 1``.
+        ``log_price[:t]`` is the watched series up to the close of ``t - 1`` (``signal``: the market's log
+        closes, or their deviation from the exogenous log closes).
         """
         c = self.cfg
         out = c.noise_usd * float(self._noise[t])

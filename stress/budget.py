@@ -14,7 +14,9 @@ tools (:mod:`backtest.budgets`, :mod:`backtest.fit`), as the held-out headline d
   (``target_avg_collateral``): the best shape with its level solved for the budget;
 * every other policy (``ewma_ccp``, ``garch_fhs``, a registered kind, a fitted policy that still misses by
   more than ``tol``): one scale on its IM path (:func:`backtest.budgets.scale_to_budget`), applied through the
-  controls again at every later use (:class:`ScaledPolicy`).
+  controls again at every later use (:class:`ScaledPolicy`); a policy with its own ``with_scale(factor)`` (the
+  dynamic grid, :class:`stress.grid.GridPerpPolicy`: its raw spot range, its MM fraction kept) is scaled
+  through it.
 
 :func:`bring_to_budget` then measures what the policy locks on the pre-window run
 (``pre_window_avg_collateral``, recorded in ``stress.json`` per scenario and policy).
@@ -210,9 +212,14 @@ def bring_to_budget(policy: Any, cal: Calibration, method: str = "as_built") -> 
     rec: dict[str, Any] = {"target": b}
     if b is not None and abs(r.avg_collateral - b) > tol:
         lo, hi = cal.settings.scale_bounds
-        scale, r = scale_to_budget(lambda s: cal.run(scaled_path(base_path, s, cal.ctx.controls)), b, lo=lo, hi=hi,
-                                   tol=tol / 2)
-        policy = ScaledPolicy(policy, float(scale))
+        if hasattr(policy, "with_scale"):  # scales itself (the dynamic grid: its raw spot range)
+            scale, r = scale_to_budget(lambda s: cal.run(policy.with_scale(s).path(cal.ctx)), b, lo=lo, hi=hi,
+                                       tol=tol / 2)
+            policy = policy.with_scale(float(scale))
+        else:
+            scale, r = scale_to_budget(lambda s: cal.run(scaled_path(base_path, s, cal.ctx.controls)), b, lo=lo,
+                                       hi=hi, tol=tol / 2)
+            policy = ScaledPolicy(policy, float(scale))
         method = "scale" if method == "as_built" else f"{method}+scale"
         rec["scale"] = float(scale)
     rec["method"] = method if b is not None else "unbudgeted"

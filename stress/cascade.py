@@ -87,8 +87,9 @@ class CascadeResult:
     ``series``: per bar ``liquidations``, ``liquidation_events``, ``liquidated_notional``, ``bad_debt``,
     ``fund``, ``waves``, ``mark_low``, ``mark_close``, ``market_close``, ``exog_close``, ``liq_impact``
     (``exp(u_liq) - 1`` at the close), ``agent_flow``, ``open_notional``.
-    ``per_position``: optional ``liquidations`` (0/1), ``liquidation_events``, ``bad_debt`` per position of the
-    window, in population order. ``snapshot``: the open book at ``snapshot_bar`` (``side``, ``qty``,
+    ``per_position``: optional ``liquidations`` (0/1), ``liquidation_events``, ``bad_debt`` and
+    ``liquidated_notional`` (USD at the fill, summed over its steps) per position of the window, in population
+    order. ``snapshot``: the open book at ``snapshot_bar`` (``side``, ``qty``,
     ``entry``, ``margin``, ``pid``, ``fund``) or ``None``. ``market_bars``: the market's OHLC after impact.
     """
 
@@ -212,10 +213,13 @@ def run_cascade(
     if per_position:
         pp_ev = np.zeros(len(population))
         pp_bad = np.zeros(len(population))
+        pp_liqn = np.zeros(len(population))
     max_resid = 0.0
     snapshot = None
     # market state: log offset of the market over the exogenous bars (total and liquidations' part)
     log_mkt = np.log(xc)  # market log closes (before the window: exogenous)
+    # what the agents watch: the market's log closes, or their deviation from the exogenous ones (u at each close)
+    watched = log_mkt if cfg.agents.signal == "price" else np.zeros(n)
     u = u_liq = 0.0
     peak = -math.inf
     pub = math.nan  # last oracle publish
@@ -240,7 +244,7 @@ def run_cascade(
         dd = 1.0 - math.exp(log_mkt[t - 1]) / peak if (t > i0 and peak > 0) else 0.0
         d_t = imp.depth_at(float(depth[t]), dd) if imp.active else math.inf
         stress_t = imp.stress(dd)
-        a_flow = agents.flow(t, log_mkt) if agents_on else 0.0
+        a_flow = agents.flow(t, watched) if agents_on else 0.0
         if a_flow and imp.active:
             u += imp.log_impact(a_flow, d_t)
         e_u = math.exp(u)
@@ -292,10 +296,11 @@ def run_cascade(
                     s["liquidation_events"][j] += k_idx.size
                     s["liquidated_notional"][j] += res.totals["liquidated_notional"]
                     s["bad_debt"][j] += res.totals["bad_debt"]
+                    notional = res.closed_qty * res.fill_price
                     if per_position:
                         pp_ev[pid_k] += 1.0
                         pp_bad[pid_k] += res.bad_debt
-                    notional = res.closed_qty * res.fill_price
+                        pp_liqn[pid_k] += notional
                     longs = b_long[k_idx]
                     wave_sell += float(notional[longs].sum())
                     wave_buy += float(notional[~longs].sum())
@@ -333,6 +338,8 @@ def run_cascade(
         u += net
         u_liq += net
         log_mkt[t] = math.log(xc[t]) + u
+        if agents_on and watched is not log_mkt:
+            watched[t] = u
         peak = max(peak, math.exp(log_mkt[t]))
         if not orc.ideal:
             pub = ct
@@ -431,7 +438,8 @@ def run_cascade(
     pp = None
     if per_position:
         idx = slice(lo_ptr, hi_ptr)
-        pp = {"liquidations": hit[idx].astype(np.float64), "liquidation_events": pp_ev[idx], "bad_debt": pp_bad[idx]}
+        pp = {"liquidations": hit[idx].astype(np.float64), "liquidation_events": pp_ev[idx], "bad_debt": pp_bad[idx],
+              "liquidated_notional": pp_liqn[idx]}
     return CascadeResult(
         liquidations=int(series["liquidations"].sum()),
         liquidation_events=int(series["liquidation_events"].sum()),

@@ -7,9 +7,15 @@ For one scenario and one policy (:func:`stress_policy`):
 2. :func:`stress.cascade.run_cascade`; with ``feedback_rounds`` the policy then sees the prices its cascade
    made (history + the market's bars after impact) and the run is repeated with its new path (the
    procyclicality loop: margin raised in the spike that its own liquidations deepened);
-3. the counterfactual: the same run with the policy's margin frozen from the shock on at its value at the
-   close before the shock; ``self_inflicted_share = max(L - L_frozen, 0) / L`` with ``L`` the liquidated
-   notional (the share of the cascade the policy's own margin moves caused);
+3. the counterfactual: the same run (same bars, same population) with the policy's IM and MM frozen from the
+   shock on at the values it published at the close before the shock. ``self_inflicted_share`` is the share
+   of the liquidated notional ``L`` that the policy's own margin moves caused, position by position:
+   ``sum_i max(L_i - L_i^frozen, 0) / L`` (:func:`self_inflicted`), ``L_i`` what position ``i`` lost to
+   liquidation. A raised MM liquidates open positions the frozen margin would have kept (and their flow
+   deepens the cascade); a raised IM makes positions opening after the shock safer. The two act on different
+   positions, so a net ``(L - L_frozen) / L`` nets the harm against the protection and reads 0 whenever the
+   protection is larger (it is kept in ``details.net_response_share``, signed: < 0 when the response saved
+   more than it liquidated);
 4. Cover-2: the open book at the shock's open, each position's loss past its margin at the worst market
    price of the window (its side's adverse extreme); ``cover2_ok`` when the fund at the shock covers the
    two largest.
@@ -19,8 +25,9 @@ empties the insurance fund (``fund_min <= 0``) under a policy.
 
 Policy kinds (:data:`POLICY_KINDS`): ``static`` (the best (IM, MM) pair at the capital budget, or a given
 ``params.im``), ``ewma_ccp``, ``garch_fhs``, ``predictive`` (given parameters, or ``fit``:
-:func:`backtest.fit.fit_predictive` at the budget on the bars before the window); a new kind (the dynamic
-portfolio grid of issue 12) is one builder added with :func:`register_policy_kind`. :func:`build_policy` builds
+:func:`backtest.fit.fit_predictive` at the budget on the bars before the window), ``dynamic_grid`` (the dynamic
+portfolio grid as the IM/MM rates of one linear perp, :mod:`stress.grid`); a new kind is one builder added
+with :func:`register_policy_kind`. :func:`build_policy` builds
 a policy from the bars before the window and brings it to the capital budget (:mod:`stress.budget`), so the
 policies of a comparison lock the same average collateral before the window.
 """
@@ -53,11 +60,12 @@ from stress.budget import (
     place_population,
 )
 from stress.cascade import CascadeConfig, CascadeResult, run_cascade
+from stress.grid import GridPerpPolicy, build_dynamic_grid
 from stress.scenarios import Scenario, shock_drop
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PolicySpec", "POLICY_KINDS", "register_policy_kind", "build_policy", "freeze_path",
+__all__ = ["PolicySpec", "POLICY_KINDS", "register_policy_kind", "build_policy", "freeze_path", "self_inflicted",
            "cover2", "stress_policy", "reverse_stress", "KEYS"]
 
 #: The metrics stress.json holds per scenario and policy.
@@ -137,10 +145,13 @@ POLICY_KINDS: dict[str, Builder] = {
     "ewma_ccp": _named("ewma_ccp"),
     "garch_fhs": _named("garch_fhs"),
     "predictive": _predictive,
+    "dynamic_grid": build_dynamic_grid,
 }
 
+
 def register_policy_kind(kind: str, builder: Builder) -> None:
-    """Add a policy kind (e.g. issue 12's dynamic portfolio grid) to :data:`POLICY_KINDS`."""
+    """Add a policy kind to :data:`POLICY_KINDS` (a worker process of the executor imports this module afresh:
+    register at import time of a module the config's policies need, as ``dynamic_grid`` is)."""
     if kind in POLICY_KINDS:
         raise ValueError(f"policy kind {kind!r} is already registered")
     POLICY_KINDS[kind] = builder
@@ -190,7 +201,7 @@ def build_policy(spec: PolicySpec, scn: Scenario, pop_cfg: PopulationConfig, ccf
     # how the builder already aimed at the budget; anything else is scaled by bring_to_budget
     if spec.kind == "static" and "im" not in spec.params:
         aim = "static_envelope"
-    elif spec.kind == "predictive" and spec.fit is not None:
+    elif spec.kind in ("predictive", "dynamic_grid") and spec.fit is not None:
         aim = "fit"
     else:
         aim = "as_built"
@@ -203,12 +214,19 @@ def build_policy(spec: PolicySpec, scn: Scenario, pop_cfg: PopulationConfig, ccf
         rec["fit"] = {"evaluations": fitted.get("evaluations"),
                       "fit_avg_collateral": fitted["objective"].get("avg_collateral"),
                       "params": inner.params() if hasattr(inner, "params") else None}
+    if isinstance(inner, GridPerpPolicy):
+        rec["grid"] = inner.params()
+        rec.setdefault("scale", inner.scale)
     rec["policy"] = getattr(pol, "name", spec.name)
     return pol, rec
 
 
 def freeze_path(path: MarginPath, shock: int) -> MarginPath:
-    """``path`` with IM and MM held from bar ``shock`` on at their values at the close of ``shock - 1``."""
+    """``path`` with IM and MM held from bar ``shock`` on at their values at the close of ``shock - 1``.
+
+    Everything published up to the close of ``shock - 1`` is kept (the margin calls at that close see its
+    pending MM, as in the run it is compared with); nothing is announced from the shock on.
+    """
     im = np.array(path.im_rate)
     mm = np.array(path.mm_rate)
     im[shock:] = im[shock - 1]
@@ -216,11 +234,33 @@ def freeze_path(path: MarginPath, shock: int) -> MarginPath:
     pend = None
     if path.mm_pending is not None:
         pend = np.array(path.mm_pending)
-        pend[shock - 1:] = np.nan
-    eff = None if path.mm_effective_bar is None else np.where(np.arange(len(im)) >= shock - 1, -1,
+        pend[shock:] = np.nan
+    eff = None if path.mm_effective_bar is None else np.where(np.arange(len(im)) >= shock, -1,
                                                                 np.asarray(path.mm_effective_bar))
     return MarginPath(times=path.times, im_rate=im, mm_rate=mm, policy=f"{path.policy}_frozen", meta=path.meta,
                       mm_pending=pend, mm_effective_bar=eff, mm_binds=path.mm_binds)
+
+
+def self_inflicted(liquidated: np.ndarray, liquidated_frozen: np.ndarray) -> float:
+    """Share of the liquidated notional that the policy's margin moves caused (see the module docstring).
+
+    Parameters
+    ----------
+    liquidated, liquidated_frozen : np.ndarray
+        Liquidated notional per position (USD), in the run and in its frozen counterfactual (same positions).
+
+    Returns
+    -------
+    float
+        ``sum(max(liquidated - liquidated_frozen, 0)) / sum(liquidated)`` in [0, 1]; 0 when nothing was liquidated.
+    """
+    a = np.asarray(liquidated, dtype=np.float64)
+    b = np.asarray(liquidated_frozen, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"liquidated and liquidated_frozen must be per position of the same run, got shapes "
+                         f"{a.shape} and {b.shape}")
+    total = float(a.sum())
+    return float(np.maximum(a - b, 0.0).sum()) / total if total > 0 else 0.0
 
 
 def cover2(res: CascadeResult) -> dict[str, float | bool]:
@@ -238,9 +278,11 @@ def cover2(res: CascadeResult) -> dict[str, float | bool]:
     return {"cover2_ok": bool(snap["fund"] >= need), "cover2_need": need, "fund_at_shock": float(snap["fund"])}
 
 
-def _run(scn: Scenario, path: MarginPath, pop: Population, ccfg: CascadeConfig) -> CascadeResult:
+def _run(scn: Scenario, path: MarginPath, pop: Population, ccfg: CascadeConfig,
+         per_position: bool = False) -> CascadeResult:
     start, end = scn.window
-    return run_cascade(scn.bars, path, pop, replace(ccfg, snapshot_bar=scn.shock), start=start, end=end)
+    return run_cascade(scn.bars, path, pop, replace(ccfg, snapshot_bar=scn.shock), start=start, end=end,
+                       per_position=per_position)
 
 
 def _realised_bars(scn: Scenario, res: CascadeResult) -> pd.DataFrame:
@@ -258,14 +300,16 @@ def stress_policy(scn: Scenario, policy: Any, pop_cfg: PopulationConfig, ccfg: C
     bars = scn.bars
     ctx, model = context(bars, scn, controls)
     path = policy.path(ctx)
-    res = _run(scn, path, pop, ccfg)
-    for _ in range(int(feedback_rounds)):
+    rounds = int(feedback_rounds)
+    res = _run(scn, path, pop, ccfg, per_position=rounds == 0)
+    for r in range(rounds):
         bars = _realised_bars(scn, res)
         path = policy.path(context(bars, scn, controls, model)[0])
-        res = _run(scn, path, pop, ccfg)
-    frozen = _run(scn, freeze_path(path, scn.shock), pop, ccfg)
+        res = _run(scn, path, pop, ccfg, per_position=r == rounds - 1)
+    frozen = _run(scn, freeze_path(path, scn.shock), pop, ccfg, per_position=True)
     liq, liq_f = res.liquidated_notional, frozen.liquidated_notional
-    share = max(liq - liq_f, 0.0) / liq if liq > 0 else 0.0
+    assert res.per_position is not None and frozen.per_position is not None
+    share = self_inflicted(res.per_position["liquidated_notional"], frozen.per_position["liquidated_notional"])
     c2 = cover2(res)
     w = slice(scn.start, scn.end + 1)
     return {
@@ -277,9 +321,11 @@ def stress_policy(scn: Scenario, policy: Any, pop_cfg: PopulationConfig, ccfg: C
         "cover2_ok": c2["cover2_ok"],
         "self_inflicted_share": share,
         "details": {"liquidations": res.liquidations, "liquidated_notional_frozen": liq_f,
-                    "bad_debt_frozen": frozen.bad_debt, "cover2_need": c2["cover2_need"],
+                    "bad_debt_frozen": frozen.bad_debt, "self_inflicted_notional": share * liq,
+                    "net_response_share": (liq - liq_f) / liq if liq > 0 else 0.0, "cover2_need": c2["cover2_need"],
                     "fund_at_shock": c2["fund_at_shock"], "uncovered_bad_debt": res.uncovered_bad_debt,
                     "im_at_shock": float(path.im_rate[scn.shock - 1]), "im_max": float(np.max(path.im_rate[w])),
+                    "mm_at_shock": float(path.mm_rate[scn.shock - 1]), "mm_max": float(np.max(path.mm_rate[w])),
                     "ledger_residual": res.ledger_residual, "n_positions": res.n_positions},
         "series": pd.DataFrame({"mark_close": res.series["mark_close"], "exog_close": res.series["exog_close"],
                                 "fund": res.series["fund"], "liquidated_notional": res.series["liquidated_notional"],

@@ -13,17 +13,22 @@ brought to the capital budget (``budget.collateral``, an average collateral) on 
 (:mod:`stress.budget`); its ``budget`` entry records the pre-window average collateral it locks. A policy's
 rank in a scenario orders by liquidated notional, then bad debt (less is better): the policy that amplifies
 the cascade least.
+
+The runs are independent tasks (:func:`build_task`, :func:`run_task`: module-level functions of picklable
+arguments) handed to a ``map_fn``: one after the other here by default; ``volmargin stress --workers N`` or
+``--ray-address`` passes volmargin's executor (local processes or Ray). This stage never imports volmargin.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from backtest.population import PopulationConfig
 from backtest.simulation import BacktestConfig
@@ -34,7 +39,14 @@ from margin.policies import PolicyContext
 from stress.agents import AgentConfig
 from stress.budget import BudgetSettings, collateral_spread, config_section
 from stress.cascade import CascadeConfig
-from stress.compare import PolicySpec, build_policy, forecast_for, reverse_stress, stress_policy
+from stress.compare import (
+    PolicySpec,
+    build_policy,
+    forecast_for,
+    reverse_stress,
+    self_inflicted,
+    stress_policy,
+)
 from stress.impact import ImpactModel, Oracle
 from stress.scenarios import (
     Scenario,
@@ -49,7 +61,8 @@ from stress.venues import VenueConfig, run_contagion
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StressSettings", "load_settings", "run_suite", "build_scenarios"]
+__all__ = ["StressSettings", "load_settings", "run_suite", "build_scenarios", "build_task", "run_task",
+           "contagion_policy", "sequential_map", "MapFn"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -160,8 +173,19 @@ def build_scenarios(sc: Mapping[str, Any]) -> tuple[list[tuple[Scenario, str]], 
     return out, bases
 
 
-def _contagion(sc: Mapping[str, Any], s: StressSettings, policies: Mapping[str, Any],
-               progress: Progress | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _ContagionCase:
+    """One contagion case: the joint window (the policies' rates are computed on it per task)."""
+
+    name: str
+    meta: dict[str, Any]
+    window: pd.DataFrame
+    k0: int
+    venues: VenueConfig
+
+
+def _contagion_cases(sc: Mapping[str, Any], s: StressSettings) -> tuple[list[_ContagionCase], pd.DataFrame,
+                                                                        pd.DataFrame]:
     c = dict(sc)
     btc = prepare_dataset(c.pop("btc", "bundled:bitstamp/BTC")).bars
     eth = prepare_dataset(c.pop("eth", "bundled:coinbase-pro/ETH")).bars
@@ -174,46 +198,53 @@ def _contagion(sc: Mapping[str, Any], s: StressSettings, policies: Mapping[str, 
     r[: max(lead, 120)] = np.inf
     r[len(r) - tail:] = np.inf
     shock = int(np.argmin(r))
-    out: dict[str, Any] = {}
+    out: list[_ContagionCase] = []
     for case, spec in cases.items():
         spec = dict(spec or {})
         outage = spec.pop("bridge_outage", False)
         pr = joint_prices(joint["BTC"], joint["ETH"], shock, **spec)
         window = pr.iloc[shock - lead: shock + tail + 1]
-        k0 = lead
-        vcfg = replace(s.venues, bridge_outage_bar=k0 if outage else None)
-        res_p: dict[str, Any] = {}
-        for name, pol in policies.items():
-            rates = {}
-            for a, src in (("BTC", btc), ("ETH", eth)):
-                b = src.loc[src.index <= window.index[-1]].copy()
-                b.loc[window.index, "close"] = window[a].to_numpy()
-                k = int(b.index.get_indexer([window.index[0]])[0])
-                fc, _ = forecast_for(b, k)
-                path = pol.path(PolicyContext(bars=b, forecast=fc, controls=s.controls))
-                pos = b.index.get_indexer(window.index)
-                rates[a] = (path.im_rate[pos], path.mm_rate[pos])
-            res = run_contagion(window, rates, vcfg, s.cascade.impact)
-            frozen = {a: (np.where(np.arange(len(window)) >= k0, im[k0 - 1], im),
-                          np.where(np.arange(len(window)) >= k0, mm[k0 - 1], mm)) for a, (im, mm) in rates.items()}
-            res_f = run_contagion(window, frozen, vcfg, s.cascade.impact)
-            liq = res.liquidated_notional
-            res_p[name] = {
-                "cascade_depth": res.cascade_depth, "liquidated_notional": liq,
-                "impact_from_liquidations": res.impact_from_liquidations, "bad_debt": res.bad_debt,
-                "fund_min": res.fund_min, "cover2_ok": bool(res.cover2_fund >= res.cover2_need),
-                "self_inflicted_share": max(liq - res_f.liquidated_notional, 0.0) / liq if liq > 0 else 0.0,
-                "details": {"perp_liquidated_notional": res.perp_liquidated_notional,
-                            "lending_liquidated_notional": res.lending_liquidated_notional,
-                            "perp_bad_debt": res.perp_bad_debt, "lending_bad_debt": res.lending_bad_debt,
-                            "cover2_need": res.cover2_need, "conservation": res.conservation()},
-                "series": res.series,
-            }
-        out[f"contagion_{case}"] = {"kind": "contagion", "meta": {"shock": str(joint.index[shock]), **spec,
-                                                                  "bridge_outage": bool(outage)}, "policies": res_p}
-        if progress:
-            progress("contagion", len(out), len(cases))
-    return out
+        out.append(_ContagionCase(name=f"contagion_{case}", window=window, k0=lead,
+                                  meta={"shock": str(joint.index[shock]), **spec, "bridge_outage": bool(outage)},
+                                  venues=replace(s.venues, bridge_outage_bar=lead if outage else None)))
+    # only the bars up to the last window are needed by the tasks
+    last = max((cs.window.index[-1] for cs in out), default=joint.index[-1])
+    return out, btc.loc[btc.index <= last], eth.loc[eth.index <= last]
+
+
+def contagion_policy(case: _ContagionCase, btc: pd.DataFrame, eth: pd.DataFrame, policy: Any,
+                     s: StressSettings) -> dict[str, Any]:
+    """One policy on one contagion case: its rates on each asset's bars, the venues' run and the frozen one."""
+    window, k0 = case.window, case.k0
+    rates = {}
+    for a, src in (("BTC", btc), ("ETH", eth)):
+        b = src.loc[src.index <= window.index[-1]].copy()
+        b.loc[window.index, "close"] = window[a].to_numpy()
+        k = int(b.index.get_indexer([window.index[0]])[0])
+        fc, _ = forecast_for(b, k)
+        path = policy.path(PolicyContext(bars=b, forecast=fc, controls=s.controls))
+        pos = b.index.get_indexer(window.index)
+        rates[a] = (path.im_rate[pos], path.mm_rate[pos])
+    res = run_contagion(window, rates, case.venues, s.cascade.impact)
+    frozen = {a: (np.where(np.arange(len(window)) >= k0, im[k0 - 1], im),
+                  np.where(np.arange(len(window)) >= k0, mm[k0 - 1], mm)) for a, (im, mm) in rates.items()}
+    res_f = run_contagion(window, frozen, case.venues, s.cascade.impact)
+    liq, liq_f = res.liquidated_notional, res_f.liquidated_notional
+    assert res.liquidated_by_trader is not None and res_f.liquidated_by_trader is not None
+    share = self_inflicted(res.liquidated_by_trader, res_f.liquidated_by_trader)
+    return {
+        "cascade_depth": res.cascade_depth, "liquidated_notional": liq,
+        "impact_from_liquidations": res.impact_from_liquidations, "bad_debt": res.bad_debt,
+        "fund_min": res.fund_min, "cover2_ok": bool(res.cover2_fund >= res.cover2_need),
+        "self_inflicted_share": share,
+        "details": {"perp_liquidated_notional": res.perp_liquidated_notional,
+                    "lending_liquidated_notional": res.lending_liquidated_notional,
+                    "perp_bad_debt": res.perp_bad_debt, "lending_bad_debt": res.lending_bad_debt,
+                    "liquidated_notional_frozen": liq_f, "self_inflicted_notional": share * liq,
+                    "net_response_share": (liq - liq_f) / liq if liq > 0 else 0.0,
+                    "cover2_need": res.cover2_need, "conservation": res.conservation()},
+        "series": res.series,
+    }
 
 
 def _ranking(per_policy: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -235,64 +266,127 @@ def _budget_summary(s: StressSettings, records: Mapping[str, Mapping[str, Any]],
             "spread": collateral_spread(list(records.values())), **extra}
 
 
-def run_suite(s: StressSettings, progress: Progress | None = None) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------------- tasks
+#: ``map_fn(fn, tasks) -> [fn(task) for task in tasks]`` in task order (an executor's ``map``); ``fn`` is a
+#: module-level function and the tasks are picklable, so the tasks can run in other processes
+MapFn = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
+
+
+def sequential_map(progress: Progress | None = None) -> MapFn:
+    """The default ``map_fn``: the tasks one after the other in this process, with a progress bar per call
+    (``policies`` for the builds, ``stress runs`` for the rest)."""
+    def map_fn(fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Any]:
+        label = "policies" if fn is build_task else "stress runs"
+        out = []
+        for i, t in enumerate(tasks):
+            out.append(fn(t))
+            if progress:
+                progress(label, i + 1, len(tasks))
+        return out
+
+    return map_fn
+
+
+def _one_thread(fn: Callable[[], Any]) -> Any:
+    # BLAS on one thread in every task, wherever it runs: a GARCH fit with two BLAS threads differs from a
+    # one-thread fit in the fifth significant digit, so the driver, a local pool and Ray give the same numbers
+    with threadpool_limits(1):
+        return fn()
+
+
+def build_task(task: tuple[Any, ...]) -> tuple[Any, dict[str, Any]]:
+    """Task: :func:`stress.compare.build_policy` of one policy on the bars before one window."""
+    spec, scn, pop_cfg, ccfg, controls, budget, n_cal = task
+    return _one_thread(lambda: build_policy(spec, scn, pop_cfg, ccfg, controls, budget, n_cal))
+
+
+def run_task(task: tuple[Any, ...]) -> dict[str, Any]:
+    """Task: one policy on one scenario (``scenario``), one contagion case (``contagion``) or its reverse stress
+    (``reverse``)."""
+    kind, *args = task
+    if kind == "scenario":
+        scn, pol, pop_cfg, ccfg, controls, rounds = args
+        return _one_thread(lambda: stress_policy(scn, pol, pop_cfg, ccfg, controls, rounds))
+    if kind == "contagion":
+        case, btc, eth, pol, s = args
+        return _one_thread(lambda: contagion_policy(case, btc, eth, pol, s))
+    if kind == "reverse":
+        base, pol, pop_cfg, ccfg, controls, rv = args
+        return _one_thread(lambda: reverse_stress(base, pol, pop_cfg, ccfg, controls, **rv))
+    raise ValueError(f"unknown stress task kind {kind!r}")
+
+
+def run_suite(s: StressSettings, progress: Progress | None = None, map_fn: MapFn | None = None) -> dict[str, Any]:
     """Run every scenario for every policy (each at the capital budget before the window), the contagion cases
-    and the reverse stress test."""
+    and the reverse stress test.
+
+    The work is two lists of independent tasks handed to ``map_fn`` (default: one after the other in this
+    process): the policies, built once per policy and bars before a window (:func:`build_task`; the scenarios
+    of a group and the reverse stress share them), then every scenario × policy, contagion case × policy and
+    reverse stress per policy (:func:`run_task`). Each task runs with one BLAS thread, so any ``map_fn`` that
+    returns ``fn(task)`` in task order gives the same numbers.
+    """
+    if map_fn is None:
+        map_fn = sequential_map(progress)
+
     scen, bases = build_scenarios({k: v for k, v in s.scenarios.items() if k != "contagion"})
-    results: dict[str, Any] = {}
-    pol_cache: dict[tuple[str, str, str], tuple[Any, dict[str, Any]]] = {}
-    first: tuple[str, dict[str, Any], dict[str, dict[str, Any]]] | None = None
-
-    def built(spec: PolicySpec, scn: Scenario, group: str) -> tuple[Any, dict[str, Any]]:
-        # the scenarios of a group that share the bars before the window share the policies built on them
-        key = (spec.name, str(scn.bars.index[0]), str(scn.bars.index[scn.start]))
-        if key not in pol_cache:
-            pop_cfg, n_cal = _group(s, group)
-            pol_cache[key] = build_policy(spec, scn, pop_cfg, s.cascade, s.controls, s.budget, n_cal)
-        return pol_cache[key]
-
-    for i, (scn, group) in enumerate(scen):
-        pop_cfg, _ = _group(s, group)
-        per: dict[str, Any] = {}
-        recs: dict[str, dict[str, Any]] = {}
-        pols: dict[str, Any] = {}
-        for spec in s.policies:
-            pol, rec = built(spec, scn, group)
-            pols[spec.name], recs[spec.name] = pol, rec
-            per[spec.name] = {**stress_policy(scn, pol, pop_cfg, s.cascade, s.controls, s.feedback_rounds),
-                              "budget": rec}
-        if first is None:
-            first = (scn.name, pols, recs)
-        results[scn.name] = {"kind": scn.kind, "meta": scn.meta, "budget": _budget_summary(s, recs),
-                             "policies": per, "ranking": _ranking(per)}
-        if progress:
-            progress("scenarios", i + 1, len(scen))
-    if "contagion" in s.scenarios:
-        if first is None:
-            raise ValueError("stress config: scenarios.contagion uses the policies of the first single-market "
-                             "scenario (daily_crashes); configure one")
-        name0, pols0, recs0 = first
-        cont = _contagion(s.scenarios["contagion"], s, pols0, progress)
-        for v in cont.values():
-            for p in v["policies"]:
-                v["policies"][p]["budget"] = {**recs0[p], "calibrated_on": name0}
-            v["budget"] = _budget_summary(s, recs0, calibrated_on=name0)
-            v["ranking"] = _ranking(v["policies"])
-        results.update(cont)
-    reverse: dict[str, Any] = {}
+    rv = dict(s.reverse)
+    base_name = str(rv.pop("base", "hypothetical"))
+    base = None
     if s.reverse:
-        rv = dict(s.reverse)
-        base_name = str(rv.pop("base", "hypothetical"))
         base = bases.get(base_name)
         if base is None:
             raise ValueError(f"stress config: reverse.base must name a scenario group with a base (hypothetical), "
                              f"got {s.reverse.get('base')!r}")
+    if "contagion" in s.scenarios and not scen:
+        raise ValueError("stress config: scenarios.contagion uses the policies of the first single-market "
+                         "scenario (daily_crashes); configure one")
+
+    # 1. the policies: once per (policy, bars before the window), the first scenario with those bars builds them
+    keys: dict[tuple[str, str, str], int] = {}
+    builds: list[tuple[Any, ...]] = []
+
+    def key_of(spec: PolicySpec, scn: Scenario, group: str) -> int:
+        k = (spec.name, str(scn.bars.index[0]), str(scn.bars.index[scn.start]))
+        if k not in keys:
+            pop_cfg, n_cal = _group(s, group)
+            keys[k] = len(builds)
+            builds.append((spec, scn, pop_cfg, s.cascade, s.controls, s.budget, n_cal))
+        return keys[k]
+
+    scen_keys = [[key_of(spec, scn, group) for spec in s.policies] for scn, group in scen]
+    rev_keys = [key_of(spec, base, base_name) for spec in s.policies] if base is not None else []
+    built = map_fn(build_task, builds)
+
+    # 2. every scenario × policy, contagion case × policy and reverse stress per policy
+    tasks: list[tuple[Any, ...]] = []
+    for (scn, group), ks in zip(scen, scen_keys, strict=True):
+        pop_cfg, _ = _group(s, group)
+        tasks += [("scenario", scn, built[k][0], pop_cfg, s.cascade, s.controls, s.feedback_rounds) for k in ks]
+    cases: list[_ContagionCase] = []
+    if "contagion" in s.scenarios:
+        cases, btc, eth = _contagion_cases(s.scenarios["contagion"], s)
+        tasks += [("contagion", case, btc, eth, built[k][0], s) for case in cases for k in scen_keys[0]]
+    if base is not None:
         pop_cfg, _ = _group(s, base_name)
-        for j, spec in enumerate(s.policies):
-            pol, _ = built(spec, base, base_name)
-            reverse[spec.name] = reverse_stress(base, pol, pop_cfg, s.cascade, s.controls, **rv)
-            if progress:
-                progress("reverse stress", j + 1, len(s.policies))
+        tasks += [("reverse", base, built[k][0], pop_cfg, s.cascade, s.controls, rv) for k in rev_keys]
+    done = iter(map_fn(run_task, tasks))
+
+    names = [spec.name for spec in s.policies]
+    results: dict[str, Any] = {}
+    for (scn, _group_name), ks in zip(scen, scen_keys, strict=True):
+        recs = {p: built[k][1] for p, k in zip(names, ks, strict=True)}
+        per = {p: {**next(done), "budget": recs[p]} for p in names}
+        results[scn.name] = {"kind": scn.kind, "meta": scn.meta, "budget": _budget_summary(s, recs),
+                             "policies": per, "ranking": _ranking(per)}
+    if cases:
+        name0 = scen[0][0].name
+        recs0 = {p: built[k][1] for p, k in zip(names, scen_keys[0], strict=True)}
+        for case in cases:
+            per = {p: {**next(done), "budget": {**recs0[p], "calibrated_on": name0}} for p in names}
+            results[case.name] = {"kind": "contagion", "meta": case.meta, "policies": per,
+                                  "budget": _budget_summary(s, recs0, calibrated_on=name0), "ranking": _ranking(per)}
+    reverse = {p: next(done) for p in names} if base is not None else {}
     return {"scenarios": results, "reverse_stress": reverse,
             "headline": headline(results, reverse, s.budget.collateral)}
 

@@ -131,6 +131,8 @@ class ContagionResult:
     cover2_fund: float
     series: pd.DataFrame
     residuals: dict[str, float]
+    #: liquidated notional per trader (USD, perp close-outs plus lending seizures), for counterfactuals
+    liquidated_by_trader: np.ndarray | None = None
 
     @property
     def liquidated_notional(self) -> float:
@@ -227,6 +229,7 @@ def run_contagion(
     u = np.zeros(2)
     u_liq = np.zeros(2)
     perp_alive = np.ones(n, dtype=bool)
+    liq_by = np.zeros(n)
     rows = []
     perp_liq = lend_liq = 0
     perp_liqn = lend_liqn = perp_bad = lend_bad = 0.0
@@ -290,6 +293,7 @@ def run_contagion(
                 fund += float(res["penalty"].sum())
                 pos[i] -= closed
                 perp_liq += i.size
+                liq_by[i] += (np.abs(closed) * px).sum(axis=1)
                 perp_liqn += float((np.abs(closed) * px).sum())
                 full = f >= 1.0
                 if full.any():
@@ -333,6 +337,7 @@ def run_contagion(
                 flow -= seized * px
                 lend_liq += i.size
                 lend_liqn += float((seized * px).sum())
+                liq_by[i] += take @ px
             sells -= flow
             if not imp.active:
                 continue
@@ -355,4 +360,5 @@ def run_contagion(
         fund_min=float(fund_min), fund_end=float(fund), cascade_depth=int(depth_max),
         impact_from_liquidations=float(max_move) if math.isfinite(max_move) else 0.0,
         cover2_need=cover2_need, cover2_fund=float(cover2_fund), series=series, residuals=resid,
+        liquidated_by_trader=liq_by,
     )

@@ -27,13 +27,14 @@ import pandas as pd
 import yaml
 
 from data_pipelines.atomic import atomic_write_text
-from stress.suite import load_settings, run_suite
+from stress.suite import MapFn, build_task, load_settings, run_suite
 from training.tracking import resolve_tracking_uri
+from volmargin.executor import Executor
 from volmargin.report import finite_or_none
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StressJobResult", "run_stress_job", "to_json", "render_stress_report"]
+__all__ = ["StressJobResult", "run_stress_job", "executor_map", "to_json", "render_stress_report"]
 
 KEYS = ("cascade_depth", "liquidated_notional", "impact_from_liquidations", "bad_debt", "fund_min", "cover2_ok",
         "self_inflicted_share")
@@ -157,6 +158,24 @@ def _capital(sc: Mapping[str, Any]) -> str:
             f"{html.escape(str(cal.get('end')))}); spread {100 * b['spread']:.2f} points.</p>")
 
 
+def _notes(out: Mapping[str, Any]) -> str:
+    """What the self-inflicted share measures, and how the dynamic grid enters (when it is compared)."""
+    text = ("Self-inflicted share: the share of the liquidated notional that the policy's own margin moves caused, "
+            "position by position against the same run with its IM and MM frozen from the shock on at the values "
+            "published before it (sum over positions of max(L_i - L_i frozen, 0) / L). The net (L - L frozen) / L, "
+            "which nets the positions a raised MM liquidates against those a raised IM spares, is in "
+            "stress.json (details.net_response_share).")
+    grids = {p: (m.get("budget") or {}).get("grid") for sc in out.get("scenarios", {}).values()
+             for p, m in sc.get("policies", {}).items() if (m.get("budget") or {}).get("grid")}
+    if grids:
+        text += (f" {', '.join(sorted(grids))}: the dynamic portfolio grid on the isolated-perp population, reduced to "
+                 "the IM/MM rates its spot range r implies for one linear perp (IM = r, MM = mm_fraction x r: a lone "
+                 "perp's grid margin; vol shocks, offsets across underlyings and the concentration add-on do not act "
+                 "on it, so the reduction is faithful for directional perp books and says nothing about option or "
+                 "multi-asset books, which the portfolio backtest covers); its raw range scaled to the budget.")
+    return text
+
+
 def render_stress_report(out: Mapping[str, Any], title: str = "Stress test") -> str:
     """Standalone HTML (plots as base64 PNG, no external resources)."""
     h = out.get("headline", {})
@@ -185,6 +204,7 @@ def render_stress_report(out: Mapping[str, Any], title: str = "Stress test") -> 
                      "<th>liquidated notional (USD, all)</th><th>bad debt (USD, all)</th><th>mean self-inflicted share"
                      "</th><th>reverse stress: drop that empties the fund</th><th>pre-window avg collateral (mean)</th>"
                      f"</tr>{rows}</table>")
+    parts.append(f"<p>{html.escape(_notes(out))}</p>")
     for name, sc in out.get("scenarios", {}).items():
         parts.append(f"<h2>{html.escape(name)} <small>({html.escape(str(sc.get('kind')))})</small></h2>")
         meta = {k: v for k, v in sc.get("meta", {}).items() if not isinstance(v, dict)}
@@ -234,9 +254,30 @@ def _metrics(js: Mapping[str, Any]) -> dict[str, float]:
     return m
 
 
+def executor_map(ex: Executor, progress: Callable[[str, int, int], None] | None = None) -> MapFn:
+    """The suite's ``map_fn`` on an executor: results in task order, progress as tasks complete."""
+
+    def map_fn(fn: Callable[[Any], Any], tasks: Any) -> list[Any]:
+        label = "policies" if fn is build_task else "stress runs"
+        out: list[Any] = [None] * len(tasks)
+        for n, (i, r) in enumerate(ex.map_unordered(fn, tasks), start=1):
+            out[i] = r
+            if progress:
+                progress(label, n, len(tasks))
+        return out
+
+    return map_fn
+
+
 def run_stress_job(config: str | Path, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None,
-                   tracking_uri: str | None = None, log_mlflow: bool = True) -> StressJobResult:
-    """Run configs/stress.yaml, write ``stress.json`` and ``stress_report.html`` in ``out_dir``, log to MLflow."""
+                   tracking_uri: str | None = None, log_mlflow: bool = True,
+                   executor: Executor | None = None) -> StressJobResult:
+    """Run configs/stress.yaml, write ``stress.json`` and ``stress_report.html`` in ``out_dir``, log to MLflow.
+
+    With ``executor`` the suite's tasks (policy builds, scenario × policy runs, contagion cases, reverse stress)
+    run on it (local processes or Ray); the numbers are the same as in this process. Only this process writes
+    to MLflow.
+    """
     t0 = time.perf_counter()
     config = Path(config)
     if not config.is_file():
@@ -245,7 +286,7 @@ def run_stress_job(config: str | Path, out_dir: str | Path, *, progress: Callabl
     settings = load_settings(raw)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    res = run_suite(settings, progress=progress)
+    res = run_suite(settings, progress=progress, map_fn=None if executor is None else executor_map(executor, progress))
     js = to_json({**res, "settings": {"config": str(config), "config_hash": hashlib.sha256(config.read_bytes()).hexdigest()}})
     jp = atomic_write_text(out / "stress.json", json.dumps(js, indent=2, sort_keys=False))
     rp = atomic_write_text(out / "stress_report.html", render_stress_report(res, f"Stress test: {settings.name}"))
@@ -262,6 +303,8 @@ def run_stress_job(config: str | Path, out_dir: str | Path, *, progress: Callabl
             flat = pd.json_normalize({k: v for k, v in raw.items() if k != "policies"}, sep=".").iloc[0].to_dict()
             mlflow.log_params({k[:250]: str(v)[:500] for k, v in list(flat.items())[:400]})
             mlflow.log_param("policies", ",".join(s.name for s in settings.policies))
+            if executor is not None:
+                mlflow.log_param("executor", f"{executor.backend}:{executor.workers}")
             mlflow.log_metrics(_metrics(js))
             mlflow.set_tag("least_amplifying", str(js.get("headline", {}).get("least_amplifying")))
             for p in (config, jp, rp):

@@ -144,6 +144,25 @@ class TestBehaviour:
         c = run_cascade(btc, path, pop, CascadeConfig(impact=cfg.impact, agents=AgentConfig(noise_usd=3e4, seed=4)))
         assert not np.array_equal(a.series["market_close"].to_numpy(), c.series["market_close"].to_numpy())
 
+    def test_agents_watch_what_the_simulation_adds(self, btc):
+        """With no liquidation (margin 100 %), agents on the deviation from the exogenous bars never trade and the
+        market is the bars; on the price, momentum with square-root impact drives it away on its own."""
+        btc = btc.iloc[-150:]
+        pop = generate_population(len(btc), PopulationConfig(n_positions=300, seed=5, leverage_max=1.0))
+        path = MarginPath(times=btc.index, im_rate=np.full(len(btc), 1.0), mm_rate=np.full(len(btc), 1e-4),
+                          policy="full")
+        ag = AgentConfig(momentum_usd=2e4, mean_reversion_usd=1e4, mm_absorb=0.2, mm_capacity_usd=2e6)
+        imp = ImpactModel(kind="sqrt", coef=0.3, depth_usd=5e7)
+        dev = run_cascade(btc, path, pop, CascadeConfig(impact=imp, agents=ag))
+        assert dev.liquidated_notional == 0.0
+        np.testing.assert_array_equal(dev.series["agent_flow"].to_numpy(), 0.0)
+        np.testing.assert_allclose(dev.series["market_close"].to_numpy(), btc["close"].to_numpy(), rtol=1e-12)
+        price = run_cascade(btc, path, pop, CascadeConfig(impact=imp, agents=AgentConfig(**{**ag.to_dict(),
+                                                                                          "signal": "price"})))
+        assert np.max(np.abs(price.series["market_close"].to_numpy() / btc["close"].to_numpy() - 1)) > 0.02
+        with pytest.raises(ValueError, match="agents.signal must be 'deviation' or 'price', got 'pnl'"):
+            AgentConfig(signal="pnl")
+
     def test_more_impact_more_liquidation(self, btc):
         btc = btc.iloc[-250:]
         pop = generate_population(len(btc), PopulationConfig(n_positions=1500, seed=5))

@@ -65,3 +65,5 @@ def test_bad_config_exit_2(tmp_path):
     assert "impact.kind must be 'none', 'linear' or 'sqrt', got 'cubic'" in r.output
     r = CliRunner().invoke(app, ["stress", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "does not exist" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, ["stress", "--config", str(cfg), "--out", str(tmp_path / "o"), "--workers", "0"])
+    assert r.exit_code == 2 and "--workers must be >= 1, got 0" in " ".join(r.output.split())

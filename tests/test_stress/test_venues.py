@@ -37,6 +37,12 @@ class TestConservation:
         assert cons["cash"] < 1e-6 * (r.liquidated_notional + 1.0)
         assert cons["units_btc"] < 1e-9 and cons["units_eth"] < 1e-9
 
+    def test_per_trader_liquidations_add_up(self):
+        r = run_contagion(_prices(), _rates(), VenueConfig(n_traders=300, seed=4), IMPACT)
+        assert r.liquidated_by_trader is not None and r.liquidated_by_trader.shape == (300,)
+        assert r.liquidated_by_trader.sum() == pytest.approx(r.liquidated_notional, rel=1e-12)
+        assert (r.liquidated_by_trader >= 0).all() and (r.liquidated_by_trader > 0).sum() > 10
+
     def test_deterministic(self):
         a = run_contagion(_prices(), _rates(), VenueConfig(n_traders=300, seed=4), IMPACT)
         b = run_contagion(_prices(), _rates(), VenueConfig(n_traders=300, seed=4), IMPACT)

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from volmargin.commands._common import console, stage_progress, user_errors
+from volmargin.commands.train import RAY_ADDRESS_HELP
 
 
 @user_errors
@@ -15,12 +16,21 @@ def stress(
     config: Path = typer.Option(..., "--config", "-c", help="Stress config (YAML), e.g. configs/stress.yaml."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (stress.json, stress_report.html)."),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Do not log to MLflow."),
+    workers: int = typer.Option(1, "--workers", help="Local worker processes for the scenario × policy tasks "
+                                "(1: in this process); with --ray-address, the cap on tasks in flight."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
     """Stress every margin policy: liquidation cascades, contagion across venues, reverse stress."""
+    from volmargin.executor import make_executor
     from volmargin.stress_job import KEYS, run_stress_job
 
-    with stage_progress() as progress:
-        res = run_stress_job(config, out, progress=progress, log_mlflow=not no_mlflow)
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if ray_address is not None and not ray_address.strip():
+        raise ValueError("--ray-address must not be empty (e.g. auto, ray://head:10001 or local)")
+    backend, address = ("ray", ray_address.strip()) if ray_address is not None else ("local", None)
+    with make_executor(backend, workers, address) as ex, stage_progress() as progress:
+        res = run_stress_job(config, out, progress=progress, log_mlflow=not no_mlflow, executor=ex)
     s = res.summary
     table = Table(title="Stress at equal capital: per scenario, policies ranked by liquidated notional (least "
                         "amplifying first); pre_coll = pre-window avg collateral")
