@@ -6,7 +6,7 @@ through the engine by :func:`backtest.portfolio_backtest.run_portfolio_backtest`
 
 * ``best_static``: the static grid family is one spot range for every bar and underlying, vol shocks fixed, and an
   MM fraction from ``static_mm_fractions``; for each fraction the range that locks ``b`` on the held-out bars is
-  solved (:func:`backtest.budgets.scale_to_budget`), and the best (fewest liquidations with bad debt <= tolerance;
+  solved (secant steps in log range seeded with the runs of the other levels), and the best (fewest liquidations with bad debt <= tolerance;
   when none qualifies, the least bad debt) is the baseline;
 * ``bound``: :class:`PortfolioBound` (below) at ``b``;
 * ``dynamic_grid``: :class:`margin.dynamic_grid.DynamicGridPolicy` fitted on the bars BEFORE the cut: for each
@@ -41,6 +41,7 @@ the grid must be one per market and bar.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -48,7 +49,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from backtest.budgets import budget_key, scale_to_budget, share_of_bound
+from backtest.budgets import budget_key, share_of_bound
 from backtest.portfolio_backtest import (
     PortfolioBacktestConfig,
     PortfolioBacktestResult,
@@ -215,13 +216,54 @@ def _constant_contexts(ctx: Mapping[str, PolicyContext], k: int) -> dict[str, Po
     return out
 
 
+def _solve(run: Callable[[float], PortfolioBacktestResult], target: float, seen: dict[float, PortfolioBacktestResult],
+           *, start: float, lo: float, hi: float, tol: float, iters: int = 12) -> tuple[float, PortfolioBacktestResult]:
+    """The ``x`` whose run locks ``target`` (collateral grows with ``x``), seeded with the runs already made.
+
+    ``seen`` maps ``x`` to its run and is filled as the search goes, so the solves of one family at several levels
+    (every budget, and each policy's own collateral) share their runs. Each step is a secant step in ``log x``
+    between the closest runs on either side of ``target`` (kept inside the middle 80 % of the bracket), else a
+    power step ``x (target / c)^1.2`` from the closest run; at most ``iters`` new runs. Returns the run closest
+    to ``target`` (the first within ``tol`` when one is).
+    """
+    if not seen:
+        seen[start] = run(start)
+
+    def gap(item: tuple[float, PortfolioBacktestResult]) -> float:
+        return abs(item[1].avg_collateral - target)
+
+    for _ in range(iters):
+        pts = sorted(seen.items())
+        best = min(pts, key=gap)
+        if gap(best) <= tol:
+            return best
+        below = [p for p in pts if p[1].avg_collateral < target]
+        above = [p for p in pts if p[1].avg_collateral > target]
+        a = max(below, key=lambda p: p[1].avg_collateral) if below else None
+        b = min(above, key=lambda p: p[1].avg_collateral) if above else None
+        if a is not None and b is not None and a[0] < b[0]:
+            if b[0] / a[0] < 1.0 + 1e-6:
+                break
+            w = (target - a[1].avg_collateral) / (b[1].avg_collateral - a[1].avg_collateral)
+            nxt = math.exp(math.log(a[0]) + min(max(w, 0.1), 0.9) * (math.log(b[0]) - math.log(a[0])))
+        else:
+            nxt = best[0] * (target / max(best[1].avg_collateral, 1e-9)) ** 1.2
+        nxt = min(max(nxt, lo), hi)
+        if nxt in seen:
+            break
+        seen[nxt] = run(nxt)
+    return min(sorted(seen.items()), key=gap)
+
+
 class _StaticEnvelope:
-    """Static grids solved for a collateral level on one window, runs cached by (range, mm_fraction)."""
+    """Static grids solved for a collateral level on one window, runs cached by (range, mm_fraction) and shared by
+    the solves at every level (:func:`_solve`)."""
 
     def __init__(self, pop: AccountPopulation, cfg: PortfolioBacktestConfig, settings: PortfolioHeadlineSettings,
                  start: int, end: int | None) -> None:
         self.pop, self.cfg, self.st, self.start, self.end = pop, cfg, settings, start, end
         self.runs: dict[tuple[float, float], PortfolioBacktestResult] = {}
+        self.seen: dict[float, dict[float, PortfolioBacktestResult]] = {m: {} for m in settings.static_mm_fractions}
 
     def run(self, r: float, mmf: float) -> PortfolioBacktestResult:
         key = (round(r, 10), mmf)
@@ -236,11 +278,11 @@ class _StaticEnvelope:
         best = None
         r0 = self.st.static_start_range
         for mmf in self.st.static_mm_fractions:
-            s, res = scale_to_budget(lambda x, m=mmf: self.run(r0 * x, m), c, lo=0.02, hi=0.95 / r0,
-                                     tol=self.st.collateral_tol, iters=12)
+            r, res = _solve(lambda x, m=mmf: self.run(x, m), c, self.seen[mmf], start=r0, lo=0.02 * r0, hi=0.95,
+                            tol=self.st.collateral_tol)
             if abs(res.avg_collateral - c) > max(self.st.collateral_tol, 0.02 * c):
                 continue
-            cand = {"spot_range": r0 * s, "mm_fraction": mmf, **_outcome(res)}
+            cand = {"spot_range": r, "mm_fraction": mmf, **_outcome(res)}
             if best is None:
                 best = cand
                 continue
@@ -324,9 +366,11 @@ def portfolio_headline(
         return r.liquidations + st.bad_debt_weight * max(0.0, r.bad_debt - tol)
 
     shapes = {}
+    seen: dict[int, dict[float, PortfolioBacktestResult]] = {}
     for j, shape in enumerate(st.fit_grid):
         pol = replace(base, **shape)
         shapes[j] = (pol, pol.path(ctx))
+        seen[j] = {}
     const_ctx = _constant_contexts(ctx, k)
     out: dict[str, Any] = {}
     fitted: dict[str, Any] = {}
@@ -336,8 +380,8 @@ def portfolio_headline(
             progress(f"portfolio budget {key}")
         best = None
         for j, (_pol, path) in shapes.items():
-            s, r = scale_to_budget(lambda x, p=path: pre(p.scaled(x, ctl)), b, lo=0.02, hi=50.0,
-                                   tol=st.collateral_tol, iters=12)
+            s, r = _solve(lambda x, p=path: pre(p.scaled(x, ctl)), b, seen[j], start=1.0, lo=0.02, hi=50.0,
+                          tol=st.collateral_tol)
             cand = (objective(r), abs(r.avg_collateral - b), j, s, r)
             if best is None or cand[:2] < best[:2]:
                 best = cand

@@ -1,4 +1,4 @@
-"""Pydantic models of the backtest stage's config sections: ``population``, ``backtest``, ``policies``.
+"""Pydantic models of the backtest stage's config sections: ``population``, ``backtest``, ``policies``, ``portfolio``.
 
 Each model forbids unknown keys, so a typo is reported with the key's name; ``volmargin.config.RunConfig``
 composes them. The population and backtest sections mirror the dataclasses they build
@@ -10,13 +10,17 @@ names the field and the value (``population.topup_prob must be in [0, 1], got 1.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from backtest.population import PopulationConfig
+from backtest.portfolio_backtest import PortfolioBacktestConfig
+from backtest.portfolio_headline import PortfolioHeadlineSettings
+from backtest.portfolio_population import AccountPopulationConfig
 from backtest.simulation import BacktestConfig
+from margin.dynamic_grid import DynamicGridPolicy
 from margin.params import LiquidationSettings
 
 __all__ = [
@@ -25,6 +29,7 @@ __all__ = [
     "BacktestSettings",
     "StaticPairsConfig",
     "PoliciesConfig",
+    "PortfolioSection",
     "replace_path",
 ]
 
@@ -183,3 +188,124 @@ class PoliciesConfig(_Strict):
     garch_fhs: dict[str, Any] = Field(default_factory=dict)
     predictive: dict[str, Any] = Field(default_factory=dict)
     oracle_vol: dict[str, Any] = Field(default_factory=dict)
+
+
+#: Fields of :class:`margin.dynamic_grid.DynamicGridPolicy` a ``portfolio.fit_grid`` shape may set (``k`` is
+#: solved per budget, the controls come from the run's ``controls`` section).
+GRID_SHAPE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DynamicGridPolicy)
+                                         if f.name not in ("name", "k", "controls"))
+
+
+class PortfolioSection(_Strict):
+    """The ``portfolio`` section: the portfolio-margin comparison of the job on multi-instrument accounts
+    (:func:`backtest.portfolio_headline.portfolio_headline`; ``docs/portfolio.md``).
+
+    Parameters
+    ----------
+    enabled : bool
+        Run the comparison (default true); false: nothing is computed and ``summary.portfolio`` says so.
+    assets : list of str, optional
+        Asset labels of the run (``BTC``, ``ETH``, ...), at least two sharing one cut; default every daily asset
+        of the run that shares the most common cut.
+    budgets : list of float, optional
+        Average collateral levels in (0, 1]; default the run's ``budgets``.
+    n_accounts : int
+        Accounts of the population (each holds a fresh multi-instrument book every cycle).
+    cycle_bars : int
+        Bars of one cycle (a book is held from the cycle's first close to its last).
+    mode : {"portfolio", "cross"}
+        Engine mode of every bar.
+    static_mm_fractions : list of float, optional
+        MM fractions of the static grid family (default those of ``PortfolioHeadlineSettings``).
+    fit_grid : list of dict, optional
+        Shapes of the dynamic grid tried before the cut (fields of ``DynamicGridPolicy`` except ``k``, which is
+        solved at each budget, and ``controls``); default those of ``PortfolioHeadlineSettings``.
+    bad_debt_weight : float, optional
+        Weight of bad debt above the tolerance in the pre-cut objective (default 10 per USD).
+    """
+
+    enabled: bool = True
+    assets: list[str] | None = None
+    budgets: list[float] | None = None
+    n_accounts: int = Field(default=100, ge=1)
+    cycle_bars: int = Field(default=30, ge=2)
+    mode: Literal["portfolio", "cross"] = "portfolio"
+    static_mm_fractions: list[float] | None = None
+    fit_grid: list[dict[str, Any]] | None = None
+    bad_debt_weight: float | None = Field(default=None, ge=0)
+
+    @field_validator("assets")
+    @classmethod
+    def _assets(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if len(v) < 2:
+            raise ValueError(f"a portfolio needs at least 2 assets, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"assets must be unique, got {v}")
+        return v
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("give at least one budget (or leave the key out for the run's budgets)")
+        for b in v:
+            if not 0 < b <= 1:
+                raise ValueError(f"a budget (average collateral / exposure) must be in (0, 1], got {b}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"budgets must be unique, got {v}")
+        return sorted(v)
+
+    @field_validator("static_mm_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("give at least one MM fraction")
+        for x in v:
+            if not 0 < x <= 1:
+                raise ValueError(f"an MM fraction must be in (0, 1], got {x}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"values must be unique, got {v}")
+        return v
+
+    @field_validator("fit_grid")
+    @classmethod
+    def _shapes(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("give at least one shape")
+        for i, shape in enumerate(v):
+            unknown = sorted(set(shape) - set(GRID_SHAPE_KEYS))
+            if unknown:
+                raise ValueError(f"shape {i}: unknown key(s) {unknown}; known: {list(GRID_SHAPE_KEYS)}")
+            try:
+                dataclasses.replace(DynamicGridPolicy(), **shape)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"shape {i}: {exc}") from None
+        return v
+
+    def headline_settings(self, budgets: Sequence[float], bad_debt_tolerance: float) -> PortfolioHeadlineSettings:
+        """:class:`PortfolioHeadlineSettings` at ``budgets`` (the section's own when given) and the run's tolerance."""
+        d = PortfolioHeadlineSettings()
+        return PortfolioHeadlineSettings(
+            budgets=tuple(self.budgets if self.budgets is not None else sorted(budgets)),
+            bad_debt_tolerance=float(bad_debt_tolerance),
+            bad_debt_weight=d.bad_debt_weight if self.bad_debt_weight is None else float(self.bad_debt_weight),
+            static_mm_fractions=(d.static_mm_fractions if self.static_mm_fractions is None
+                                 else tuple(self.static_mm_fractions)),
+            fit_grid=d.fit_grid if self.fit_grid is None else tuple(dict(x) for x in self.fit_grid),
+        )
+
+    def population(self, seed: int) -> AccountPopulationConfig:
+        """:class:`AccountPopulationConfig` of ``n_accounts`` and ``cycle_bars`` (seed from the run)."""
+        return AccountPopulationConfig(n_accounts=self.n_accounts, cycle_bars=self.cycle_bars, seed=seed)
+
+    def backtest(self) -> PortfolioBacktestConfig:
+        """:class:`PortfolioBacktestConfig` in the section's ``mode``."""
+        return PortfolioBacktestConfig(mode=self.mode)

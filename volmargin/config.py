@@ -5,7 +5,7 @@ Every model forbids unknown keys (``extra="forbid"``), so a typo is reported wit
 e.g. ``configs/train_btc.yaml: walk_forward.refit_evry: unknown key 'refit_evry'``.
 
 Stage-owned sections: ``training.config`` (models, walk-forward, promotion, default cuts),
-``margin.settings`` (controls), ``backtest.settings`` (population, backtest, policies). This module adds
+``margin.settings`` (controls), ``backtest.settings`` (population, backtest, policies, portfolio). This module adds
 the executor, the regime switch and the sensitivity table, and composes :class:`TrainConfig`
 (``volmargin train``) and :class:`RunConfig` (``volmargin run`` / ``volmargin backtest``).
 """
@@ -19,7 +19,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from backtest.settings import BacktestSettings, LiquidationSection, PoliciesConfig, PopulationSettings
+from backtest.settings import (
+    BacktestSettings,
+    LiquidationSection,
+    PoliciesConfig,
+    PopulationSettings,
+    PortfolioSection,
+)
 from margin.settings import ControlsConfig
 from training.config import (
     DEFAULT_CUTS,
@@ -43,6 +49,7 @@ __all__ = [
     "PoliciesConfig",
     "PopulationSettings",
     "BacktestSettings",
+    "PortfolioSection",
     "CONFIG_KINDS",
     "load_config",
     "format_validation_error",
@@ -215,6 +222,9 @@ class RunConfig(StrictModel):
     backtest : BacktestSettings
         Fields of ``backtest.simulation.BacktestConfig`` (``liquidation``: ``margin.params.LiquidationSettings``).
     sensitivity : SensitivityConfig
+    portfolio : PortfolioSection
+        The portfolio-margin comparison on multi-instrument accounts (``dynamic_grid`` against the best static
+        grid and the bound at each budget; default on, every daily asset sharing a cut, the run's budgets).
     forecasts_dir : str, optional
         ``volmargin backtest`` only: a folder of saved walk-forward tables
         (``<asset label>.parquet`` or ``<asset label>/<model>.parquet``) used instead of the pinned
@@ -239,6 +249,7 @@ class RunConfig(StrictModel):
     population: PopulationSettings = Field(default_factory=PopulationSettings)
     backtest: BacktestSettings = Field(default_factory=BacktestSettings)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
+    portfolio: PortfolioSection = Field(default_factory=PortfolioSection)
     forecasts_dir: str | None = None
     tracking_uri: str | None = None
     allow_file_store: bool = False
@@ -278,6 +289,7 @@ class RunConfig(StrictModel):
             if unknown:
                 raise ValueError(f"training.baselines {unknown} are not model keys; known: {keys}")
         _check_margin_fields(self)
+        _check_portfolio_assets(self)
         return self
 
     def cut_for(self, dataset: str) -> dt.date:
@@ -328,6 +340,27 @@ def _check_margin_fields(cfg: RunConfig) -> None:
             raise ValueError(f"sensitivity.vary: unknown field {sub!r} of backtest.liquidation (known: {', '.join(sorted(liq))})")
         if not values:
             raise ValueError(f"sensitivity.vary.{path}: give at least one value")
+
+
+def _check_portfolio_assets(cfg: RunConfig) -> None:
+    """``portfolio.assets`` are asset labels of ``datasets`` that share one cut."""
+    names = cfg.portfolio.assets
+    if names is None:
+        return
+    from data_pipelines.pipeline import asset_label
+
+    labels: dict[str, str] = {}
+    for ds in cfg.datasets:
+        try:
+            labels[asset_label(ds)] = ds
+        except ValueError:
+            continue
+    unknown = [a for a in names if a not in labels]
+    if unknown:
+        raise ValueError(f"portfolio.assets: unknown asset(s) {unknown}; the run's assets are {sorted(labels)}")
+    cuts = {a: cfg.cut_for(labels[a]) for a in names}
+    if len(set(cuts.values())) > 1:
+        raise ValueError(f"portfolio.assets must share one cut, got {', '.join(f'{a} {c}' for a, c in cuts.items())}")
 
 
 CONFIG_KINDS["run"] = RunConfig

@@ -25,17 +25,24 @@ pinned champions' tables, else recomputes the EWMA baseline, and writes the same
         "policies": {"ewma_ccp" | "garch_fhs" | "oracle_vol": {... as configured, normal setting,
                                                                "traffic_light"}},
         "predictive_params": {"<b>": {...}}}},
-     "headline": {"share_of_bound_min", "share_of_bound_mean", "budgets_met", "budgets_total", ...},
+     "headline": {"share_of_bound_min", "share_of_bound_mean", "budgets_met", "budgets_total", ...,
+                  "portfolio_share_of_bound_min", "portfolio_budgets_met", ...},
+     "portfolio": {"<b>": {"best_static", "bound", "dynamic_grid": {"liquidations", "bad_debt", "avg_collateral",
+                                                                   "share_of_bound", ...},
+                           "ablation", "checks"}} | {"skipped": "<reason>"},
      "mlflow_run_id": "...", "cut": {"<ASSET>": "YYYY-MM-DD"}, "config_hash": "<sha256>"}
 
 ``<b>`` is the budget as written in the config (``"0.2"``). Budget comparisons are scored in the frozen
 setting (volume slippage off); ``policies`` in the normal setting. ``share_of_bound_min``/``mean`` are over
 the (asset, budget) pairs where the predictive policy's share is defined (``shares_undefined`` counts the
 others: more bad debt than the best static); ``budgets_met`` counts the pairs where every check passes.
+``portfolio``: the portfolio-margin comparison on multi-instrument accounts over the run's daily assets
+(:mod:`volmargin.run_portfolio`); its fitted grid at the median budget is written to ``<out>/portfolio_grid.json``.
 
 Modules: :mod:`volmargin.run_inputs` (data, training, pinned champion, regime probabilities),
 :mod:`volmargin.run_assets` (one asset's headline, coverage, sensitivity; run in parallel through
-``volmargin.executor``), this module (summary, report data, MLflow, files).
+``volmargin.executor``), :mod:`volmargin.run_portfolio` (the portfolio comparison), this module (summary, report
+data, MLflow, files).
 """
 
 from __future__ import annotations
@@ -69,11 +76,13 @@ from volmargin.run_assets import (
     horizon_breaches,
 )
 from volmargin.run_inputs import AssetInputs, forecast_from_table, load_assets
+from volmargin.run_portfolio import PortfolioOutcome, portfolio_headline_numbers
 
 __all__ = [
     "VAR_POLICIES",
     "AssetInputs",
     "AssetOutcome",
+    "PortfolioOutcome",
     "RunOutput",
     "build_backtest_config",
     "build_controls",
@@ -153,7 +162,7 @@ def headline_numbers(assets: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_summary(outcomes: Mapping[str, AssetOutcome], *, run_id: str | None, cfg_hash: str,
-                  tolerance: float = 0.0) -> dict[str, Any]:
+                  tolerance: float = 0.0, portfolio: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``summary.json`` from the per-asset outcomes; see the module docstring."""
     assets: dict[str, Any] = {}
     cuts: dict[str, str] = {}
@@ -167,8 +176,11 @@ def build_summary(outcomes: Mapping[str, AssetOutcome], *, run_id: str | None, c
             "policies": {name: _policy_entry(res, out.coverage.get(name, {})) for name, res in out.results.items()},
             "predictive_params": h.fitted,
         }
-    return {"assets": assets, "headline": headline_numbers(assets), "mlflow_run_id": run_id, "cut": cuts,
-            "config_hash": cfg_hash}
+    out: dict[str, Any] = {"assets": assets, "headline": headline_numbers(assets)}
+    if portfolio is not None:
+        out["headline"].update(portfolio_headline_numbers(portfolio))
+        out["portfolio"] = dict(portfolio)
+    return {**out, "mlflow_run_id": run_id, "cut": cuts, "config_hash": cfg_hash}
 
 
 def _json_safe(obj: Any) -> Any:
@@ -300,9 +312,10 @@ def run_job(
 ) -> RunOutput:
     """Run the end-to-end job (``mode="run"``) or the backtest alone (``mode="backtest"``).
 
-    Writes ``<out_dir>/summary.json``, ``report.html`` and ``details.json`` (atomically) and logs one
+    Writes ``<out_dir>/summary.json``, ``report.html``, ``details.json`` and, when the portfolio comparison ran,
+    ``portfolio_grid.json`` (atomically; a grid file left by an earlier run is removed otherwise) and logs one
     MLflow parent run in the experiment ``cfg.name`` (params: the flattened config; metrics: the summary's
-    numbers; artifacts: config, summary, details, report). Only this process writes to MLflow.
+    numbers; artifacts: config, summary, details, report, grid). Only this process writes to MLflow.
     """
     import mlflow
 
@@ -315,7 +328,7 @@ def run_job(
     build_controls(cfg), build_population_config(cfg), build_backtest_config(cfg)  # fail fast on bad settings
     check_policy_settings(cfg)
     inputs, training = load_assets(cfg, mode=mode, progress=progress)
-    outcomes = evaluate_assets(cfg, inputs, progress=progress)
+    outcomes, portfolio = evaluate_assets(cfg, inputs, progress=progress, portfolio=True)
     chash = config_hash(cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.name)
@@ -323,7 +336,8 @@ def run_job(
     run = mlflow.start_run(run_name=f"{cfg.name}-{mode}", tags={"job": mode, "config_hash": chash})
     run_id = run.info.run_id
     try:
-        summary = _json_safe(build_summary(outcomes, run_id=run_id, cfg_hash=chash, tolerance=cfg.bad_debt_tolerance))
+        summary = _json_safe(build_summary(outcomes, run_id=run_id, cfg_hash=chash, tolerance=cfg.bad_debt_tolerance,
+                                           portfolio=portfolio.summary))
         sens = pd.DataFrame([r for o in outcomes.values() for r in o.sensitivity])
         details = _json_safe({
             "mode": mode,
@@ -343,6 +357,7 @@ def run_job(
                 for o in outcomes.values()
             },
             "sensitivity": sens.to_dict("records"),
+            "portfolio": portfolio.details or portfolio.summary,
         })
         notes = [
             "Budget comparisons are scored in the frozen setting (volume-dependent slippage off, so positions are "
@@ -360,11 +375,15 @@ def run_job(
             sensitivity=sens,
             config=cfg.model_dump(mode="json"),
             notes=notes,
+            portfolio=portfolio.details,
         )
         report_path = write_report(data, out / "report.html")
         summary_path = atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         details_path = atomic_write_text(out / "details.json", json.dumps(details, indent=2, default=str))
         config_json = atomic_write_text(out / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
+        grid_path = portfolio.path.write(out / "portfolio_grid.json") if portfolio.path is not None else None
+        if grid_path is None:
+            (out / "portfolio_grid.json").unlink(missing_ok=True)  # never serve an earlier run's grid
         mlflow.log_params(dict(list(_flat_params(cfg.model_dump(mode="json")).items())[:500]))
         mlflow.set_tags({
             "training_run_ids": ",".join(training.get("training_run_ids", [])),
@@ -373,10 +392,12 @@ def run_job(
         })
         metrics = flatten_metrics({"assets": {a: {k: v for k, v in e.items() if k != "predictive_params"}
                                               for a, e in summary["assets"].items()},
-                                   "headline": summary["headline"]})
+                                   "headline": summary["headline"],
+                                   "portfolio": {b: e for b, e in summary.get("portfolio", {}).items() if b != "skipped"}})
         mlflow.log_metrics({k.replace("<", "").replace(">", ""): v for k, v in metrics.items()})
-        for p in (summary_path, details_path, report_path, config_json):
-            mlflow.log_artifact(str(p))
+        for p in (summary_path, details_path, report_path, config_json, grid_path):
+            if p is not None:
+                mlflow.log_artifact(str(p))
         if config_path is not None and Path(config_path).is_file():
             mlflow.log_artifact(str(config_path), artifact_path="config")
         status = "FINISHED"

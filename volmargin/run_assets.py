@@ -286,33 +286,56 @@ def check_policy_settings(cfg: RunConfig) -> None:
     headline_settings(cfg)
 
 
-def _evaluate_task(task: tuple[AssetInputs, RunConfig, bool]) -> AssetOutcome:
-    """Executor entry point (module level so that it pickles): one asset's backtests, no MLflow."""
+def _evaluate_task(task: tuple[Any, ...]) -> Any:
+    """Executor entry point (module level so that it pickles): one asset's backtests, or (a task tagged
+    ``"portfolio"``) the portfolio comparison; no MLflow."""
+    if isinstance(task[0], str) and task[0] == "portfolio":
+        from volmargin.run_portfolio import evaluate_portfolio
+
+        _, inputs, cfg = task
+        return evaluate_portfolio(cfg, inputs)
     inp, cfg, sens = task
     return evaluate_asset(inp, cfg, sensitivity=sens)
 
 
 def evaluate_assets(
-    cfg: RunConfig, inputs: Mapping[str, AssetInputs], *, progress: Progress | None = None
-) -> dict[str, AssetOutcome]:
+    cfg: RunConfig, inputs: Mapping[str, AssetInputs], *, progress: Progress | None = None, portfolio: bool = False
+) -> Any:
     """Evaluate every asset, in parallel through ``volmargin.executor`` when ``training.executor.workers``
-    > 1 (workers compute and return; only the driver writes files and MLflow). Ordered as ``cfg.datasets``."""
+    > 1 (workers compute and return; only the driver writes files and MLflow). Ordered as ``cfg.datasets``.
+
+    With ``portfolio`` the portfolio comparison (:func:`volmargin.run_portfolio.evaluate_portfolio`) runs too, as
+    the last task of the same pool (so it fills the worker that the per-asset tasks leave idle), and the return
+    value is ``(outcomes, portfolio_outcome)``; without it, ``outcomes``.
+    """
     from volmargin.executor import TaskError, make_executor
+    from volmargin.run_portfolio import evaluate_portfolio
 
     sens_assets = set(cfg.sensitivity.assets or [inputs[cfg.datasets[0]].asset])
     ex = cfg.training.executor
     done: dict[str, AssetOutcome] = {}
+    pf: Any = None
     if ex.workers > 1 and len(cfg.datasets) > 1:
         executor = make_executor(ex.backend, ex.workers, ex.address)
-        tasks = [(inputs[ds], cfg, inputs[ds].asset in sens_assets) for ds in cfg.datasets]
+        tasks: list[tuple[Any, ...]] = [(inputs[ds], cfg, inputs[ds].asset in sens_assets) for ds in cfg.datasets]
+        with_pf = portfolio and cfg.portfolio.enabled
+        if with_pf:
+            tasks.append(("portfolio", dict(inputs), cfg))
+        stage = "backtests (assets and portfolio, in parallel)" if with_pf else "backtests (assets, in parallel)"
         if progress:
-            progress("backtests (assets, in parallel)", 0, len(tasks))
+            progress(stage, 0, len(tasks))
+        n_done = 0
         try:
             for i, res in executor.map_unordered(_evaluate_task, tasks):
-                done[cfg.datasets[i]] = res
-                log.info("%s evaluated in %.1fs", res.inputs.asset, res.seconds)
+                n_done += 1
+                if i == len(cfg.datasets):
+                    pf = res
+                    log.info("portfolio comparison done in %.1fs", res.seconds)
+                else:
+                    done[cfg.datasets[i]] = res
+                    log.info("%s evaluated in %.1fs", res.inputs.asset, res.seconds)
                 if progress:
-                    progress("backtests (assets, in parallel)", len(done), len(tasks))
+                    progress(stage, n_done, len(tasks))
         except TaskError as exc:
             if isinstance(exc.__cause__, ValueError | KeyError | TypeError | FileNotFoundError):
                 raise exc.__cause__ from None
@@ -322,4 +345,7 @@ def evaluate_assets(
             inp = inputs[ds]
             done[ds] = evaluate_asset(inp, cfg, sensitivity=inp.asset in sens_assets, progress=progress)
             log.info("%s evaluated in %.1fs", inp.asset, done[ds].seconds)
-    return {ds: done[ds] for ds in cfg.datasets}
+    if portfolio and pf is None:  # sequential, or disabled (nothing to compute)
+        pf = evaluate_portfolio(cfg, inputs, progress=progress)
+    outcomes = {ds: done[ds] for ds in cfg.datasets}
+    return (outcomes, pf) if portfolio else outcomes

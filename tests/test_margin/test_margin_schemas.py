@@ -52,3 +52,45 @@ def test_error_names_path_and_value():
     d["instruments"][3]["strike"] = float("inf")
     with pytest.raises(ValueError, match=r"\$\.instruments\[3\]\.strike: must be a finite number, got inf"):
         validate_document(d, "portfolio")
+
+
+class TestDynamicGridParams:
+    """A params file produced from a ``dynamic_grid`` GridPath at a bar (offsets across underlyings included)
+    validates against the schema and loads back to the same ParamsFile."""
+
+    @staticmethod
+    def _path():
+        import numpy as np
+        import pandas as pd
+
+        from margin.dynamic_grid import GridPath
+
+        times = pd.date_range("2025-12-25", periods=4, freq="D", tz="UTC")
+        rng = np.linspace(0.05, 0.2, 4)[:, None] * np.ones((1, 2))
+        corr = np.tile(np.array([[1.0, 0.6], [0.6, 1.0]]), (4, 1, 1))
+        return GridPath(times=times, underlyings=("BTC", "ETH"), range_new=rng, range_open=rng,
+                        vol_shock=np.full((4, 2), 0.25), correlation=corr, stress_weight=np.full(4, 0.3),
+                        concentration_addon=np.zeros((4, 2)))
+
+    def test_grid_params_validate_and_round_trip(self, tmp_path):
+        prm = self._path().params_at(2)
+        doc = prm.to_dict()
+        assert doc["risk_model"]["grid_correlation"] == [[1.0, 0.6], [0.6, 1.0]]
+        assert doc["risk_model"]["grid_stress_weight"] == pytest.approx(0.3)
+        validate_document(doc, "params_file")
+        f = tmp_path / "params.json"
+        f.write_text(json.dumps(doc))
+        back = load_params_file(f)
+        assert back.risk_model.grid_correlation == prm.risk_model.grid_correlation
+        assert back.risk_model.grid_stress_weight == prm.risk_model.grid_stress_weight
+        assert back.by_market()["ETH"].scenario_grid == prm.by_market()["ETH"].scenario_grid
+
+    @pytest.mark.parametrize(("field", "value", "needle"), [
+        ("grid_stress_weight", 1.5, "$.risk_model.grid_stress_weight"),
+        ("grid_correlation", [[1.0, 1.2], [1.2, 1.0]], "$.risk_model.grid_correlation[0][1]"),
+    ])
+    def test_bad_grid_fields_name_the_path(self, field, value, needle):
+        doc = self._path().params_at(0).to_dict()
+        doc["risk_model"][field] = value
+        with pytest.raises(ValueError, match=needle.replace("$", r"\$").replace("[", r"\[").replace("]", r"\]")):
+            validate_document(doc, "params_file")

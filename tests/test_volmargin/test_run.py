@@ -80,7 +80,9 @@ def _is_num_or_null(x: object) -> bool:
 class TestSummary:
     def test_keys_and_types(self, tiny: dict) -> None:
         s = json.loads((tiny["outs"][0] / "summary.json").read_text())
-        assert set(s) == {"assets", "headline", "mlflow_run_id", "cut", "config_hash"}
+        assert set(s) == {"assets", "headline", "portfolio", "mlflow_run_id", "cut", "config_hash"}
+        assert "fewer than 2 daily assets" in s["portfolio"]["skipped"]  # one asset: no portfolio
+        assert not (tiny["outs"][0] / "portfolio_grid.json").exists()
         assert HEADLINE_KEYS <= set(s["headline"])
         assert s["headline"]["budgets_total"] == 2 and 0 <= s["headline"]["budgets_met"] <= 2
         assert list(s["assets"]) == ["SYN"]
@@ -230,6 +232,14 @@ class TestConfigErrors:
             ({"policies": {"predictive": {"round": 1}}}, "policies.predictive: unknown key(s) ['round']"),
             ({"policies": {"predictive": {"max_im_increase_5d": "ewma"}}},
              "policies.predictive.max_im_increase_5d must be a fraction > 0 or 'ewma_ccp', got 'ewma'"),
+            ({"portfolio": {"n_accounts": 0}}, "portfolio.n_accounts: Input should be greater than or equal to 1"),
+            ({"portfolio": {"budgets": [1.5]}}, "portfolio.budgets: Value error, a budget"),
+            ({"portfolio": {"assets": ["SYN", "XRP"]}}, "portfolio.assets: unknown asset(s) ['XRP']"),
+            ({"portfolio": {"assets": ["SYN"]}}, "a portfolio needs at least 2 assets"),
+            ({"portfolio": {"fit_grid": [{"vol_kk": 1.0}]}}, "portfolio.fit_grid: Value error, shape 0: unknown key(s)"),
+            ({"portfolio": {"fit_grid": [{"mm_fraction": 1.5}]}}, "mm_fraction must be in (0, 1]"),
+            ({"portfolio": {"mode": "isolated"}}, "portfolio.mode"),
+            ({"portfolio": {"n_acounts": 100}}, "portfolio.n_acounts: unknown key 'n_acounts'"),
         ],
     )
     def test_bad_config_exits_2_naming_the_key(self, tmp_path: Path, change: dict, needle: str) -> None:

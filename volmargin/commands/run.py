@@ -63,6 +63,16 @@ def _execute(config: Path, out: Path, mode: str, ray_address: str | None = None)
     for r in rows:
         if r["passed"] is False:
             console.print(f"  {r['scope']}: {r['check']}: {r['detail']}", soft_wrap=True)
+    pf = s.get("portfolio") or {}
+    if "skipped" in pf:
+        console.print(f"[bold]portfolio[/]: skipped ({pf['skipped']})", soft_wrap=True)
+    elif pf:
+        from volmargin.report import portfolio_verdict
+
+        console.print(f"[bold]portfolio[/] (dynamic_grid on multi-instrument accounts): target met at "
+                      f"{h.get('portfolio_budgets_met')} of {h.get('portfolio_budgets_total')} budgets")
+        for b, e in pf.items():
+            console.print(f"  {100 * float(b):g}%: {portfolio_verdict(e)[1]}", soft_wrap=True)
     console.print(f"report: {result.report_path}")
     console.print(f"summary: {result.summary_path}")
     console.print(f"MLflow: {result.tracking_uri} (run {result.run_id}); {result.seconds:.0f}s")
