@@ -488,6 +488,7 @@ def create_app(markets: MarketsFile, store: FeedStore | str | Path | None = None
             from serving.loadgen import portfolio_doc
             from serving.margin_api import (
                 _accounts_validator,
+                _document_decoder,
                 _fast_validator,
                 dump_response,
                 margin_response,
@@ -495,6 +496,7 @@ def create_app(markets: MarketsFile, store: FeedStore | str | Path | None = None
             )
 
             _accounts_validator()
+            _document_decoder()
             _fast_validator()
             params, _stale = current_params()
             marks = {m.market_id: 100.0 for m in params.markets}

