@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain
+from operator import itemgetter, methodcaller
 from typing import Any
 
 import numpy as np
@@ -291,6 +293,11 @@ def _fill_slow(rows: list[tuple[str, int, Mapping[str, Any], int | None]], instr
 
 _NUM = {int, float}  # exact types: bool (a subclass of int) is not a number here
 _NUM_OR_NONE = {int, float, type(None)}
+_ROW_DOC = itemgetter(2)
+_GET_POSITIONS = methodcaller("get", "positions", ())
+_GET_COLLATERAL = methodcaller("get", "collateral", ())
+_INSTRUMENT, _SIZE, _AMOUNT = itemgetter("instrument"), itemgetter("size"), itemgetter("amount")
+_GET_ENTRY = methodcaller("get", "entry_price")
 
 
 def _fill_fast(rows: list[tuple[str, int, Mapping[str, Any], int | None]], instruments: list[Instrument],
@@ -299,15 +306,17 @@ def _fill_fast(rows: list[tuple[str, int, Mapping[str, Any], int | None]], instr
     floating-point expressions), or None when a row nets two positions of one instrument or anything fails
     a check (then :func:`_fill_slow` runs and names the first error)."""
     a, n_i = len(rows), len(instruments)
-    plists = [r[2].get("positions", []) for r in rows]
-    clists = [r[2].get("collateral", []) for r in rows]
-    flat = [p for lst in plists for p in lst]
+    # map/itemgetter over the flat lists: the same values as comprehensions, about twice as fast
+    docs = list(map(_ROW_DOC, rows))
+    plists = list(map(_GET_POSITIONS, docs))
+    clists = list(map(_GET_COLLATERAL, docs))
+    flat = list(chain.from_iterable(plists))
     try:
-        cidx = [col[p["instrument"]] for p in flat]
+        cidx = list(map(col.__getitem__, map(_INSTRUMENT, flat)))
+        sizes = list(map(_SIZE, flat))
     except (KeyError, TypeError):
         return None
-    sizes = [p["size"] for p in flat]
-    eps = [p.get("entry_price") for p in flat]
+    eps = list(map(_GET_ENTRY, flat))
     if not set(map(type, sizes)) <= _NUM or not set(map(type, eps)) <= _NUM_OR_NONE:
         return None
     try:
@@ -315,7 +324,7 @@ def _fill_fast(rows: list[tuple[str, int, Mapping[str, Any], int | None]], instr
         ep = np.array([np.nan if x is None else x for x in eps], dtype=np.float64)
     except OverflowError:
         return None
-    prow = np.repeat(np.arange(a, dtype=np.intp), [len(lst) for lst in plists])
+    prow = np.repeat(np.arange(a, dtype=np.intp), list(map(len, plists)))
     pcol = np.array(cidx, dtype=np.intp)
     if not np.isfinite(size).all():
         return None
@@ -337,8 +346,11 @@ def _fill_fast(rows: list[tuple[str, int, Mapping[str, Any], int | None]], instr
     entry[prow, pcol] = (0.0 * 0.0 + mag * ep0) / np.maximum(mag, 1e-300)
     pos[prow, pcol] = 0.0 + size
     bal = np.zeros((a, len(slots)))
-    cflat = [c for lst in clists for c in lst]
-    amts = [c["amount"] for c in cflat]
+    cflat = list(chain.from_iterable(clists))
+    try:
+        amts = list(map(_AMOUNT, cflat))
+    except (KeyError, TypeError):
+        return None
     if not set(map(type, amts)) <= _NUM:
         return None
     try:
@@ -347,7 +359,7 @@ def _fill_fast(rows: list[tuple[str, int, Mapping[str, Any], int | None]], instr
         return None
     if not (np.isfinite(amt).all() and (amt >= 0).all()):
         return None
-    crow = np.repeat(np.arange(a, dtype=np.intp), [len(lst) for lst in clists])
+    crow = np.repeat(np.arange(a, dtype=np.intp), list(map(len, clists)))
     cslot = np.array([slots[(c["asset"], c.get("chain", "ethereum"))] for c in cflat], dtype=np.intp)
     np.add.at(bal, (crow, cslot), amt)  # in order, like the loop's +=
     return pos, entry, bal
