@@ -42,6 +42,16 @@ class _Strict(BaseModel):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+def check_budgets(v: Sequence[float]) -> list[float]:
+    """Capital budgets (average collateral / exposure), each in (0, 1] and unique; returned sorted."""
+    for b in v:
+        if not 0 < b <= 1:
+            raise ValueError(f"a budget (average collateral / exposure) must be in (0, 1], got {b}")
+    if len(set(v)) != len(v):
+        raise ValueError(f"budgets must be unique, got {list(v)}")
+    return sorted(v)
+
+
 def replace_path(obj: Any, dotted: str, value: Any) -> Any:
     """``dataclasses.replace`` along a dotted field path of nested frozen dataclasses (``liquidation.penalty_rate``).
 
@@ -252,12 +262,7 @@ class PortfolioSection(_Strict):
             return v
         if not v:
             raise ValueError("give at least one budget (or leave the key out for the run's budgets)")
-        for b in v:
-            if not 0 < b <= 1:
-                raise ValueError(f"a budget (average collateral / exposure) must be in (0, 1], got {b}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"budgets must be unique, got {v}")
-        return sorted(v)
+        return check_budgets(v)
 
     @field_validator("static_mm_fractions")
     @classmethod

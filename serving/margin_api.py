@@ -44,12 +44,8 @@ class _Unsupported(Exception):
 _ANNOTATIONS = {"title", "description", "$comment"}
 
 
-def _core_schema(node: dict[str, Any], defs: dict[str, Any], depth: int = 0) -> Any:
-    """A strict pydantic-core schema accepting exactly what the JSON Schema ``node`` accepts, for the keywords
-    type (object, array, string, number), properties, required, additionalProperties: false, items, minItems,
-    minLength, minimum, exclusiveMinimum and local ``$ref``; :class:`_Unsupported` for anything else."""
-    from pydantic_core import core_schema as cs
-
+def _keywords(node: dict[str, Any], defs: dict[str, Any], depth: int) -> set[str]:
+    """The schema keywords of ``node`` (annotations left out); a ``$ref`` must be alone and local to ``$defs``."""
     if depth > 20:
         raise _Unsupported("recursive $ref")
     keys = set(node) - _ANNOTATIONS
@@ -57,7 +53,18 @@ def _core_schema(node: dict[str, Any], defs: dict[str, Any], depth: int = 0) -> 
         ref = node["$ref"]
         if keys != {"$ref"} or not ref.startswith("#/$defs/") or ref[8:] not in defs:
             raise _Unsupported(f"$ref {ref!r}")
-        return _core_schema(defs[ref[8:]], defs, depth + 1)
+    return keys
+
+
+def _core_schema(node: dict[str, Any], defs: dict[str, Any], depth: int = 0) -> Any:
+    """A strict pydantic-core schema accepting exactly what the JSON Schema ``node`` accepts, for the keywords
+    type (object, array, string, number), properties, required, additionalProperties: false, items, minItems,
+    minLength, minimum, exclusiveMinimum and local ``$ref``; :class:`_Unsupported` for anything else."""
+    from pydantic_core import core_schema as cs
+
+    keys = _keywords(node, defs, depth)
+    if "$ref" in node:
+        return _core_schema(defs[node["$ref"][8:]], defs, depth + 1)
     t = node.get("type")
     if t == "object" and keys <= {"type", "properties", "required", "additionalProperties"}:
         props, req = node.get("properties", {}), set(node.get("required", ()))
@@ -98,14 +105,9 @@ def _struct_type(node: dict[str, Any], defs: dict[str, Any], made: dict[str, Any
 
     import msgspec
 
-    if depth > 20:
-        raise _Unsupported("recursive $ref")
-    keys = set(node) - _ANNOTATIONS
+    keys = _keywords(node, defs, depth)
     if "$ref" in node:
-        ref = node["$ref"]
-        if keys != {"$ref"} or not ref.startswith("#/$defs/") or ref[8:] not in defs:
-            raise _Unsupported(f"$ref {ref!r}")
-        name = ref[8:]
+        name = node["$ref"][8:]
         if name not in made:
             made[name] = _struct_type(defs[name], defs, made, depth + 1)
         return made[name]

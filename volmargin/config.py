@@ -25,6 +25,7 @@ from backtest.settings import (
     PoliciesConfig,
     PopulationSettings,
     PortfolioSection,
+    check_budgets,
 )
 from margin.settings import ControlsConfig
 from training.config import (
@@ -265,12 +266,7 @@ class RunConfig(StrictModel):
     @field_validator("budgets")
     @classmethod
     def _budgets(cls, v: list[float]) -> list[float]:
-        for b in v:
-            if not 0 < b <= 1:
-                raise ValueError(f"a budget (average collateral / exposure) must be in (0, 1], got {b}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"budgets must be unique, got {v}")
-        return sorted(v)
+        return check_budgets(v)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
