@@ -487,7 +487,6 @@ def create_app(markets: MarketsFile, store: FeedStore | str | Path | None = None
             from margin.engine import compute_margin
             from serving.loadgen import portfolio_doc
             from serving.margin_api import (
-                _accounts_validator,
                 _document_decoder,
                 _fast_validator,
                 dump_response,
@@ -495,7 +494,6 @@ def create_app(markets: MarketsFile, store: FeedStore | str | Path | None = None
                 parse_portfolio,
             )
 
-            _accounts_validator()
             _document_decoder()
             _fast_validator()
             params, _stale = current_params()

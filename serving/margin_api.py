@@ -1,20 +1,15 @@
 """``POST /v1/margin``: portfolio JSON in, margin / health / liquidation prices out, fast enough for a service.
 
-* Validation: the engine's portfolio JSON Schema (draft 2020-12) compiled once with ``fastjsonschema`` (under
-  draft-07, whose semantics are the same for every keyword this schema uses: type, properties, required,
-  additionalProperties, items, minItems, enum, const, minLength, pattern, exclusiveMinimum, allOf, if/then,
-  $ref). The ``accounts`` array (the bulk of a large book) is checked instead by a ``pydantic_core``
-  validator generated from the same schema's ``$defs`` (:func:`_accounts_validator`; it accepts only what the
-  schema accepts: strict types, no booleans as numbers, no extra keys, required keys, minLength, minimum, and
-  it is not built at all when those definitions use any other keyword); the rest of the document still goes
-  through ``fastjsonschema``. Only when a fast check fails (or the body holds NaN/Infinity) is
-  :func:`margin.validation.validate_document` run, so the error message is the engine's, naming the JSON path
-  and value.
-* Parsing: a valid body is parsed and its ``accounts`` validated in one pass from the bytes by ``msgspec`` into
-  Structs generated from the same schema (:func:`_validated_json`; 1.3 ms for a 1,000-account book against
-  6-10 ms for ``pydantic_core``'s ``validate_json`` and 2.7 ms for a bare ``from_json``); any body that pass
-  refuses is parsed again with ``pydantic_core.from_json`` (NaN and Infinity refused) or ``json.loads`` and
-  checked as above, so the error messages are the same.
+* Validation and parsing in one pass: a valid body is decoded by ``msgspec`` into Structs generated from the
+  engine's portfolio JSON Schema (draft 2020-12) for ``$.accounts`` (the bulk of a large book;
+  :func:`_struct_type` accepts only what the schema accepts: strict types, no booleans as numbers, no extra keys,
+  required keys, minLength, minimum, and nothing is generated when the definitions use any other keyword), the
+  other top-level keys checked by the same schema compiled once with ``fastjsonschema`` (under draft-07, whose
+  semantics are the same for every keyword this schema uses) (:func:`_validated_json`; 1.3 ms for a
+  1,000-account book against 6-10 ms for ``pydantic_core``'s ``validate_json``). Any body that pass refuses is
+  parsed again (``pydantic_core.from_json``, NaN and Infinity refused, else ``json.loads``, whose errors give line
+  and column) and checked by :func:`margin.validation.validate_document`, so the error message is the engine's,
+  naming the JSON path and value.
 * Output: :func:`margin_response` builds the same document as ``MarginResult.to_dict()`` from the result's
   arrays without the per-account scans (checked equal in the tests); :func:`dump_response` serialises it
   with ``msgspec`` (non-finite numbers are refused before, as ``json.dumps(allow_nan=False)`` would).
@@ -44,8 +39,16 @@ class _Unsupported(Exception):
 _ANNOTATIONS = {"title", "description", "$comment"}
 
 
-def _keywords(node: dict[str, Any], defs: dict[str, Any], depth: int) -> set[str]:
-    """The schema keywords of ``node`` (annotations left out); a ``$ref`` must be alone and local to ``$defs``."""
+def _struct_type(node: dict[str, Any], defs: dict[str, Any], made: dict[str, Any], depth: int = 0) -> Any:
+    """A ``msgspec`` type decoding exactly what the JSON Schema ``node`` accepts, for the keywords type (object,
+    array, string, number), properties, required, additionalProperties: false, items, minItems, minLength,
+    minimum, exclusiveMinimum and local ``$ref`` (closed objects become Structs that refuse unknown fields; optional
+    fields are left out when absent, so ``msgspec.to_builtins`` gives back the document as sent);
+    :class:`_Unsupported` for anything else."""
+    from typing import Annotated
+
+    import msgspec
+
     if depth > 20:
         raise _Unsupported("recursive $ref")
     keys = set(node) - _ANNOTATIONS
@@ -53,61 +56,7 @@ def _keywords(node: dict[str, Any], defs: dict[str, Any], depth: int) -> set[str
         ref = node["$ref"]
         if keys != {"$ref"} or not ref.startswith("#/$defs/") or ref[8:] not in defs:
             raise _Unsupported(f"$ref {ref!r}")
-    return keys
-
-
-def _core_schema(node: dict[str, Any], defs: dict[str, Any], depth: int = 0) -> Any:
-    """A strict pydantic-core schema accepting exactly what the JSON Schema ``node`` accepts, for the keywords
-    type (object, array, string, number), properties, required, additionalProperties: false, items, minItems,
-    minLength, minimum, exclusiveMinimum and local ``$ref``; :class:`_Unsupported` for anything else."""
-    from pydantic_core import core_schema as cs
-
-    keys = _keywords(node, defs, depth)
-    if "$ref" in node:
-        return _core_schema(defs[node["$ref"][8:]], defs, depth + 1)
-    t = node.get("type")
-    if t == "object" and keys <= {"type", "properties", "required", "additionalProperties"}:
-        props, req = node.get("properties", {}), set(node.get("required", ()))
-        if node.get("additionalProperties", True) is not False or not req <= set(props):
-            raise _Unsupported("open object")
-        fields = {k: cs.typed_dict_field(_core_schema(v, defs, depth + 1), required=k in req) for k, v in props.items()}
-        return cs.typed_dict_schema(fields, extra_behavior="forbid", strict=True)
-    if t == "array" and keys <= {"type", "items", "minItems"} and "items" in node:
-        return cs.list_schema(_core_schema(node["items"], defs, depth + 1), min_length=node.get("minItems"), strict=True)
-    if t == "string" and keys <= {"type", "minLength"}:
-        return cs.str_schema(min_length=node.get("minLength"), strict=True)
-    if t == "number" and keys <= {"type", "minimum", "exclusiveMinimum"}:
-        return cs.float_schema(ge=node.get("minimum"), gt=node.get("exclusiveMinimum"), strict=True,
-                               allow_inf_nan=False)
-    raise _Unsupported(f"keywords {sorted(keys)}")
-
-
-@cache
-def _accounts_validator() -> Any | None:
-    """pydantic-core validator of ``$.accounts`` from the portfolio schema, or None when its definitions use a
-    keyword :func:`_core_schema` does not translate (then the whole document goes through ``fastjsonschema``)."""
-    from pydantic_core import SchemaValidator
-
-    from margin.validation import load_schema
-
-    schema = load_schema("portfolio")
-    try:
-        return SchemaValidator(_core_schema(schema["properties"]["accounts"], schema.get("$defs", {})))
-    except (_Unsupported, KeyError):
-        return None
-
-
-def _struct_type(node: dict[str, Any], defs: dict[str, Any], made: dict[str, Any], depth: int = 0) -> Any:
-    """A ``msgspec`` type decoding exactly what the JSON Schema ``node`` accepts, for the keywords of
-    :func:`_core_schema` (closed objects become Structs that refuse unknown fields; optional fields are left out
-    when absent, so ``msgspec.to_builtins`` gives back the document as sent); :class:`_Unsupported` otherwise."""
-    from typing import Annotated
-
-    import msgspec
-
-    keys = _keywords(node, defs, depth)
-    if "$ref" in node:
-        name = node["$ref"][8:]
+        name = ref[8:]
         if name not in made:
             made[name] = _struct_type(defs[name], defs, made, depth + 1)
         return made[name]
@@ -186,23 +135,6 @@ def _validated_json(body: bytes) -> Any | None:
     return {**rest, "accounts": accounts}
 
 
-def _fast_check(doc: Any) -> bool:
-    """True when ``doc`` is valid under the portfolio schema (False: it may not be; the slow path decides)."""
-    import fastjsonschema
-    from pydantic_core import ValidationError
-
-    accounts = _accounts_validator()
-    try:
-        if accounts is not None and isinstance(doc, dict) and isinstance(doc.get("accounts"), list):
-            accounts.validate_python(doc["accounts"])
-            _fast_validator()({**doc, "accounts": []})
-        else:
-            _fast_validator()(doc)
-    except (fastjsonschema.JsonSchemaException, ValidationError):
-        return False
-    return True
-
-
 @cache
 def _fast_validator() -> Any:
     import fastjsonschema
@@ -235,26 +167,19 @@ def parse_portfolio(body: bytes) -> Any:
     from margin.accounts import Portfolio
     from margin.validation import validate_document
 
-    slow = False
     doc = _validated_json(body)
-    try:
-        if doc is not None:
-            return Portfolio.from_dict(doc)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PortfolioError(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)) from None
-    try:
-        doc = pydantic_core.from_json(body, allow_inf_nan=False)
-    except ValueError:  # not JSON, not UTF-8, or NaN/Infinity: the standard parser decides and words the error
+    slow = doc is None  # invalid, or valid in a way the one pass does not prove: the engine's validator decides
+    if slow:
         try:
-            doc = json.loads(body, parse_constant=_reject_constant)
-        except _NonFinite:
-            doc = json.loads(body)  # NaN/Infinity literals: let the engine's validator name the field
-            slow = True
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-            raise PortfolioError(f"request body is not valid JSON{where}: {getattr(exc, 'msg', exc)}") from None
-    if not slow:
-        slow = not _fast_check(doc)
+            doc = pydantic_core.from_json(body, allow_inf_nan=False)
+        except ValueError:  # not JSON, not UTF-8, or NaN/Infinity: the standard parser decides and words the error
+            try:
+                doc = json.loads(body, parse_constant=_reject_constant)
+            except _NonFinite:
+                doc = json.loads(body)  # NaN/Infinity literals: let the engine's validator name the field
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+                raise PortfolioError(f"request body is not valid JSON{where}: {getattr(exc, 'msg', exc)}") from None
     try:
         if slow:
             validate_document(doc, "portfolio")
