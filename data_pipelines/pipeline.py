@@ -174,13 +174,14 @@ def prepare_dataset(source_id: str, *, policy: Policy = "repair", asset: str | N
     if not isinstance(source_id, str) or not source_id.strip():
         raise ValueError(f"source_id must be a non-empty string, got {source_id!r}")
     source_id = source_id.strip()
+    source, _ = split_label(source_id)
     label = asset or asset_label(source_id)
-    raw = _load(split_label(source_id)[0], asset=label, bar=bar, calendar=calendar)
+    raw = _load(source, asset=label, bar=bar, calendar=calendar)
     bars, report = check_and_clean(raw, policy=policy, bar=bar, extreme_sigma=extreme_sigma, calendar=calendar)
     if bars.empty:
         raise ValueError(f"{source_id}: no rows left after the quality checks (policy={policy!r}); see the report")
     rv = None
-    intraday_id = intraday or INTRADAY_FOR.get(split_label(source_id)[0])
+    intraday_id = intraday or INTRADAY_FOR.get(source)
     if intraday_id:
         iraw = _load(intraday_id, asset=None, bar=None, calendar=None)
         ibars, _ = check_and_clean(iraw, policy="repair" if policy == "fail" else policy)
