@@ -290,9 +290,9 @@ class RunOutput:
 
 
 def _flat_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
     from training.tracking import mlflow_key
 
+    out: dict[str, str] = {}
     for k, v in d.items():
         name = mlflow_key(f"{prefix}{k}")
         if isinstance(v, Mapping) and v:
@@ -328,7 +328,7 @@ def run_job(
     build_controls(cfg), build_population_config(cfg), build_backtest_config(cfg)  # fail fast on bad settings
     check_policy_settings(cfg)
     inputs, training = load_assets(cfg, mode=mode, progress=progress)
-    outcomes, portfolio = evaluate_assets(cfg, inputs, progress=progress, portfolio=True)
+    outcomes, portfolio = evaluate_assets(cfg, inputs, progress=progress)
     chash = config_hash(cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.name)

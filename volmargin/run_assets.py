@@ -299,14 +299,14 @@ def _evaluate_task(task: tuple[Any, ...]) -> Any:
 
 
 def evaluate_assets(
-    cfg: RunConfig, inputs: Mapping[str, AssetInputs], *, progress: Progress | None = None, portfolio: bool = False
-) -> Any:
+    cfg: RunConfig, inputs: Mapping[str, AssetInputs], *, progress: Progress | None = None
+) -> tuple[dict[str, AssetOutcome], Any]:
     """Evaluate every asset, in parallel through ``volmargin.executor`` when ``training.executor.workers``
     > 1 (workers compute and return; only the driver writes files and MLflow). Ordered as ``cfg.datasets``.
 
-    With ``portfolio`` the portfolio comparison (:func:`volmargin.run_portfolio.evaluate_portfolio`) runs too, as
-    the last task of the same pool (so it fills the worker that the per-asset tasks leave idle), and the return
-    value is ``(outcomes, portfolio_outcome)``; without it, ``outcomes``.
+    The portfolio comparison (:func:`volmargin.run_portfolio.evaluate_portfolio`) runs too, as the last task of
+    the same pool (so it fills the worker that the per-asset tasks leave idle). Returns
+    ``(outcomes, portfolio_outcome)``.
     """
     from volmargin.executor import TaskError, make_executor
     from volmargin.run_portfolio import evaluate_portfolio
@@ -318,7 +318,7 @@ def evaluate_assets(
     if ex.workers > 1 and len(cfg.datasets) > 1:
         executor = make_executor(ex.backend, ex.workers, ex.address)
         tasks: list[tuple[Any, ...]] = [(inputs[ds], cfg, inputs[ds].asset in sens_assets) for ds in cfg.datasets]
-        with_pf = portfolio and cfg.portfolio.enabled
+        with_pf = cfg.portfolio.enabled
         if with_pf:
             tasks.append(("portfolio", dict(inputs), cfg))
         stage = "backtests (assets and portfolio, in parallel)" if with_pf else "backtests (assets, in parallel)"
@@ -345,7 +345,6 @@ def evaluate_assets(
             inp = inputs[ds]
             done[ds] = evaluate_asset(inp, cfg, sensitivity=inp.asset in sens_assets, progress=progress)
             log.info("%s evaluated in %.1fs", inp.asset, done[ds].seconds)
-    if portfolio and pf is None:  # sequential, or disabled (nothing to compute)
+    if pf is None:  # sequential, or disabled (nothing to compute)
         pf = evaluate_portfolio(cfg, inputs, progress=progress)
-    outcomes = {ds: done[ds] for ds in cfg.datasets}
-    return (outcomes, pf) if portfolio else outcomes
+    return {ds: done[ds] for ds in cfg.datasets}, pf
