@@ -91,16 +91,18 @@ class GridPerpPolicy:
                                 model="constant")
         return replace(ctx, forecast=fc, regime_probs=None)
 
+    def _unscaled(self, ctx: PolicyContext) -> GridPath:
+        # meta["raw_range"]: the range before the controls and the budget scale
+        return replace(self.grid, controls=ctx.controls).path({UNDERLYING: self._context(ctx)})
+
     def grid_path(self, ctx: PolicyContext) -> GridPath:
         """The grid path of the one underlying under the context's controls (scaled)."""
-        g = replace(self.grid, controls=ctx.controls)
-        gp = g.path({UNDERLYING: self._context(ctx)})
+        gp = self._unscaled(ctx)
         return gp if self.scale == 1.0 else gp.scaled(self.scale, ctx.controls)
 
     def path(self, ctx: PolicyContext) -> MarginPath:
         """IM = the opening range, MM = ``mm_fraction ×`` the notice-lagged range (with the announced MM pending)."""
-        gp = self.grid_path(ctx)
-        raw = np.minimum(np.asarray(gp.meta["raw_range"])[:, 0] * self.scale, 0.95)
+        raw = np.minimum(np.asarray(self._unscaled(ctx).meta["raw_range"])[:, 0] * self.scale, 0.95)
         # the same controls GridPath applies to the range (mm_fraction=1), with the grid's MM fraction: im_new is
         # range_new and mm_open is mm_fraction × range_open, plus the pending MM the engine's margin calls see
         cp = apply_controls(raw, replace(ctx.controls, mm_fraction=self.grid.mm_fraction))
@@ -141,7 +143,7 @@ def build_dynamic_grid(spec: Any, cal: Calibration) -> GridPerpPolicy:
     if cal.budget is not None:
         # start the budget's scale search at the level: the raw range's median on the pre-window bars at the budget
         # (a k set for daily bars is about 20 times too small on 15-minute bars, past the search's bounds)
-        raw = base.grid_path(cal.ctx).meta["raw_range"][cal.start:cal.cut, 0]
+        raw = base._unscaled(cal.ctx).meta["raw_range"][cal.start:cal.cut, 0]
         base = base.with_scale(cal.budget / float(np.median(raw)))
     if spec.fit is None:
         return base
