@@ -10,16 +10,16 @@
   parsed again (``pydantic_core.from_json``, NaN and Infinity refused, else ``json.loads``, whose errors give line
   and column) and checked by :func:`margin.validation.validate_document`, so the error message is the engine's,
   naming the JSON path and value.
-* Output: :func:`margin_response` builds the same document as ``MarginResult.to_dict()`` from the result's
-  arrays without the per-account scans (checked equal in the tests); :func:`dump_response` serialises it
-  with ``msgspec`` (non-finite numbers are refused before, as ``json.dumps(allow_nan=False)`` would).
+* Output: :func:`margin_response` builds ``MarginResult.to_dict()``'s document from the result's arrays column by
+  column, accounts as ``msgspec`` Structs (its JSON checked equal to ``to_dict()``'s in the tests);
+  :func:`dump_response` serialises it with ``msgspec`` (non-finite margins are refused before, as
+  ``json.dumps(allow_nan=False)`` would).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 from functools import cache
 from typing import Any
 
@@ -188,12 +188,26 @@ def parse_portfolio(body: bytes) -> Any:
         raise PortfolioError(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)) from None
 
 
-def _f(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
+@cache
+def _response_types() -> tuple[Any, Any]:
+    """``msgspec`` Structs of one account and one subaccount of the response, fields in ``to_dict()``'s order
+    (``gc=False``: a response of 1,000 accounts adds nothing for the cyclic collector to traverse)."""
+    import msgspec
+
+    sub = msgspec.defstruct("MarginSubaccount", [("id", str), ("initial_margin", float),
+                                                  ("maintenance_margin", float)], gc=False)
+    acct = msgspec.defstruct("MarginAccount", [
+        ("account", str), ("initial_margin", float), ("maintenance_margin", float), ("collateral_value", float),
+        ("unrealised_pnl", float), ("equity", float), ("health_factor", float), ("liquidation_price", float),
+        ("liquidation_underlying", str | None), ("subaccounts", list), ("positions", list)], gc=False)
+    return acct, sub
 
 
 def margin_response(res: Any) -> dict[str, Any]:
-    """``MarginResult.to_dict()``, computed from the arrays in one pass (same keys, order and values).
+    """The document of ``MarginResult.to_dict()``, built column by column: accounts and subaccounts are
+    ``msgspec`` Structs made by ``map`` over the result's arrays (no per-account Python code; about 3x faster
+    than building the dicts), whose JSON from :func:`dump_response` is ``to_dict()``'s, key for key (a
+    non-finite health factor or liquidation price encodes as ``null``, as ``to_dict()`` gives ``None``).
 
     Raises
     ------
@@ -209,43 +223,35 @@ def margin_response(res: Any) -> dict[str, Any]:
     for name, arr in checks.items():
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"non-finite {name} in the margin result")
+    account_t, sub_t = _response_types()
     pools = res.pool_ids
+    n = len(pools)
     order = np.argsort(res.pool_index, kind="stable")
-    starts = np.searchsorted(res.pool_index[order], np.arange(len(pools) + 1))
+    subs = list(map(sub_t, map(res.account_ids.__getitem__, order.tolist()), res.im_rows[order].tolist(),
+                    res.mm_rows[order].tolist()))
+    counts = np.bincount(res.pool_index, minlength=n)
+    if len(subs) == n and (counts == 1).all():  # one row per account: [[s0], [s1], ...]
+        sub_lists = list(map(list, zip(subs, strict=True)))
+    else:
+        ends = np.cumsum(counts).tolist()
+        sub_lists = [subs[e - c:e] for e, c in zip(ends, counts.tolist(), strict=True)]
     by_pool: dict[str, list[dict[str, Any]]] = {}
     for rec in res.position_liquidation:
         by_pool.setdefault(rec["pool"], []).append(rec)
-    im, mm, coll, upnl, eq = (a.tolist() for a in (res.im, res.mm, res.collateral, res.unrealised, res.equity))
-    hf, lp = res.health.tolist(), res.liquidation_price.tolist()
-    im_rows, mm_rows = res.im_rows.tolist(), res.mm_rows.tolist()
-    accounts = []
-    for k, pid in enumerate(pools):
-        rows = order[starts[k]:starts[k + 1]].tolist()
-        accounts.append({
-            "account": pid,
-            "initial_margin": float(im[k]),
-            "maintenance_margin": float(mm[k]),
-            "collateral_value": float(coll[k]),
-            "unrealised_pnl": float(upnl[k]),
-            "equity": float(eq[k]),
-            "health_factor": _f(hf[k]),
-            "liquidation_price": _f(lp[k]),
-            "liquidation_underlying": res.liquidation_underlying[k],
-            "subaccounts": [{"id": res.account_ids[r], "initial_margin": float(im_rows[r]),
-                             "maintenance_margin": float(mm_rows[r])} for r in rows],
-            "positions": by_pool.get(pid, []),
-        })
+    positions = [by_pool.get(pid, []) for pid in pools] if by_pool else [[] for _ in range(n)]
+    accounts = list(map(account_t, pools, res.im.tolist(), res.mm.tolist(), res.collateral.tolist(),
+                        res.unrealised.tolist(), res.equity.tolist(), res.health.tolist(),
+                        res.liquidation_price.tolist(), res.liquidation_underlying, sub_lists, positions))
     out: dict[str, Any] = {"mode": res.mode, "scenarios": res.scenarios, "accounts": accounts}
     if res.correlation is not None:
         out["ewma_correlation"] = res.correlation.tolist()
     return out
 
 
-
 def dump_response(out: dict[str, Any]) -> bytes:
-    """Compact JSON bytes of a response document from :func:`margin_response` (``msgspec``, ~1 ms for 1,000
-    accounts against ~2 ms for ``pydantic_core.to_json``; :func:`margin_response` has refused non-finite numbers,
-    which this encoder would write as ``null``)."""
+    """Compact JSON bytes of a response document from :func:`margin_response` (``msgspec``, ~0.5 ms for 1,000
+    accounts; :func:`margin_response` has refused the non-finite numbers that must not be sent, and this encoder
+    writes the others, a health factor or liquidation price that does not exist, as ``null``)."""
     return _encoder().encode(out)
 
 

@@ -164,11 +164,20 @@ def test_dump_response_round_trips_and_refuses_non_finite():
     from margin.params import MarginParams, ParamsFile
     from serving.margin_api import margin_response
 
-    pf = parse_portfolio(json.dumps(BASE).encode())
+    doc = copy.deepcopy(BASE)
+    doc["accounts"].append({"id": "flat", "collateral": [{"asset": "USDC", "amount": 5.0}]})  # no MM: null health
+    doc["accounts"][2]["subaccounts"] = [{"id": "s1"}, {"id": "s2", "positions": [  # two subaccounts in one pool
+        {"instrument": "BTC-PERP", "size": 0.1, "entry_price": 80000.0}]}]
+    pf = parse_portfolio(json.dumps(doc).encode())
     prm = ParamsFile(markets=tuple(MarginParams(market_id=u, im_rate=0.1, mm_rate=0.05) for u in ("BTC", "ETH", "LTC")))
+    for mode in ("cross", "isolated", "portfolio"):
+        res = compute_margin(pf, prm, mode)
+        got = json.loads(dump_response(margin_response(res)))
+        want = res.to_dict()
+        assert json.dumps(got) == json.dumps(want, allow_nan=False)  # keys in the same order, same values
+        assert got["accounts"][-1]["health_factor"] is None and len(got["accounts"][2]["subaccounts"]) == 3
+        assert any(a["positions"] for a in got["accounts"]) == (mode == "isolated")
     res = compute_margin(pf, prm, "cross")
-    out = margin_response(res)
-    assert json.loads(dump_response(out)) == json.loads(json.dumps(res.to_dict(), allow_nan=False))
     broken = replace(res, mm=np.where(np.arange(len(res.mm)) == 0, np.nan, res.mm))
     with pytest.raises(ValueError, match="non-finite mm"):
         margin_response(broken)
