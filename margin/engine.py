@@ -462,7 +462,8 @@ def _liquidation_search(st: _State) -> tuple[np.ndarray, tuple[str | None, ...]]
     f_u = np.zeros(len(arr.underlyings_unique))
     f_u[arr.underlying_index] = st.mark
     lp = f_u[ustar] * (1.0 + x_out)
-    names = tuple(arr.underlyings_unique[u] if direction[k] != 0 else None for k, u in enumerate(ustar))
+    name_of = np.array([*arr.underlyings_unique, None], dtype=object)  # the last entry: no dominant underlying
+    names = tuple(name_of[np.where(direction != 0, ustar, len(arr.underlyings_unique))].tolist())
     return lp, names
 
 

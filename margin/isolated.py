@@ -24,6 +24,7 @@ Conventions (also in docs/margin.md)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -48,14 +49,24 @@ def tier_table(tiers: Sequence[RiskTier]) -> dict[str, np.ndarray]:
 
     ``cum_n = cum_{n-1} + floor_n * (rate_n - rate_{n-1})`` with ``floor_n`` the previous tier's cap
     (Binance "maintenance amount"), so ``rate_n * N - cum_n`` is continuous and non-decreasing in ``N``.
+    Tables are cached by tier list (a margin call evaluates the same few tier lists many times, e.g. in the
+    liquidation-price search); their arrays are read-only.
     """
+    return _tier_table(tuple(tiers))
+
+
+@lru_cache(maxsize=1024)
+def _tier_table(tiers: tuple[RiskTier, ...]) -> dict[str, np.ndarray]:
     caps = np.array([t.max_notional for t in tiers], dtype=np.float64)
     im = np.array([t.im_rate for t in tiers], dtype=np.float64)
     mm = np.array([t.mm_rate for t in tiers], dtype=np.float64)
     floors = np.concatenate(([0.0], caps[:-1]))
     cum_mm = np.cumsum(floors * np.diff(mm, prepend=mm[0]))
     cum_im = np.cumsum(floors * np.diff(im, prepend=im[0]))
-    return {"caps": caps, "floors": floors, "im": im, "mm": mm, "cum_mm": cum_mm, "cum_im": cum_im}
+    out = {"caps": caps, "floors": floors, "im": im, "mm": mm, "cum_mm": cum_mm, "cum_im": cum_im}
+    for a in out.values():
+        a.flags.writeable = False
+    return out
 
 
 def tier_lookup(notional: np.ndarray, table: dict[str, np.ndarray]) -> np.ndarray:
