@@ -9,18 +9,18 @@ that is what subaccounts are for) and summed per pool; collateral and unrealised
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import chain
-from operator import itemgetter, methodcaller
-from typing import Any
+from operator import attrgetter, itemgetter, methodcaller
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from margin.instruments import Instrument, InstrumentArrays, unrealised_pnl
 
-__all__ = ["Portfolio", "MarketData", "pool_sum"]
+__all__ = ["Portfolio", "MarketData", "pool_sum", "RECORD_DEFAULTS"]
 
 
 def pool_sum(values: np.ndarray, pool_index: np.ndarray, n_pools: int) -> np.ndarray:
@@ -145,12 +145,18 @@ class Portfolio:
 
     # -------------------------------------------------------------- building
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Portfolio:
+    def from_dict(cls, d: Mapping[str, Any], *, records: Literal["mapping", "attributes"] = "mapping") -> Portfolio:
         """Build from the portfolio JSON (see ``schemas/portfolio.schema.json``).
 
         Assumes the document passed schema validation; semantic errors raise ``ValueError`` naming the
         JSON path and value.
+
+        ``records="attributes"``: the accounts, subaccounts, positions and collateral entries under
+        ``d["accounts"]`` are objects whose attributes are the schema's fields, every optional field present
+        with the value of :data:`RECORD_DEFAULTS` when it was absent (e.g. ``msgspec`` Structs decoded with
+        those defaults; the service decodes bodies so, without building a dict per record).
         """
+        acc = _MAPPING if records == "mapping" else _ATTRIBUTES
         as_of = datetime.fromisoformat(str(d["as_of"]).replace("Z", "+00:00"))
         if as_of.tzinfo is None:
             raise ValueError(f"$.as_of must be timezone-aware UTC, got {d['as_of']!r}")
@@ -188,34 +194,34 @@ class Portfolio:
             if x.is_option and (x.instrument_id not in market.instrument_mark or x.instrument_id not in market.implied_vol):
                 raise ValueError(f"$.marks.instruments.{x.instrument_id}: option needs 'mark' and 'iv'")
         accounts = d["accounts"]
-        subs = list(map(_GET_SUBACCOUNTS, accounts))
+        subs = list(map(acc.subaccounts, accounts))
         if any(subs):  # rows: each account, then its subaccounts (sharing its pool)
-            rows = [(r["id"], ai, r, si) for ai, acct in enumerate(accounts)
-                    for si, r in chain(((None, acct),), enumerate(subs[ai] or ()))]
+            rows = [(acc.id(r), ai, r, si) for ai, acct in enumerate(accounts)
+                    for si, r in chain(((None, acct),), enumerate(subs[ai]))]
             docs = list(map(_ROW_DOC, rows))
             ids = list(map(_ROW_ID, rows))
             pool_index = np.array(list(map(_ROW_POOL, rows)), dtype=np.intp)
         else:  # no subaccounts (the common book): one row per account, built without a Python-level loop
             rows = None
             docs = list(accounts)
-            ids = list(map(_ID, docs))
+            ids = list(map(acc.id, docs))
             pool_index = np.arange(len(docs), dtype=np.intp)
         if len(set(ids)) != len(ids):
             dup = sorted({x for x in ids if ids.count(x) > 1})
             raise ValueError(f"$.accounts: duplicate account id {dup}")
-        clists = list(map(_GET_COLLATERAL, docs))
-        ckeys = _collateral_keys(clists)
+        clists = list(map(acc.collateral, docs))
+        ckeys = _collateral_keys(clists, acc)
         slots = {key: k for k, key in enumerate(dict.fromkeys(ckeys))}  # numbered in order of first appearance
         for asset, _ in slots:
             if asset not in market.collateral_price:
                 raise ValueError(f"$.marks.collateral: no price for collateral asset {asset!r}")
-        filled = _fill_fast(docs, instruments, col, slots, clists=clists, ckeys=ckeys)
+        filled = _fill_fast(docs, instruments, col, slots, clists=clists, ckeys=ckeys, access=acc)
         if filled is None:  # anything unusual (an error to name, netting within a row): the exact loop
             if rows is None:
                 rows = [(x, ai, r, None) for ai, (x, r) in enumerate(zip(ids, docs, strict=True))]
-            filled = _fill_slow(rows, instruments, col, slots)
+            filled = _fill_slow(rows, instruments, col, slots, access=acc)
         pos, entry, bal = filled
-        pool_ids = ids if rows is None else list(map(_ID, accounts))
+        pool_ids = ids if rows is None else list(map(acc.id, accounts))
         return cls(
             account_ids=tuple(ids),
             pool_index=pool_index,
@@ -261,24 +267,26 @@ class Portfolio:
         )
 
 
-def _fill_slow(rows: list[tuple[str, int, Mapping[str, Any], int | None]], instruments: list[Instrument],
-               col: dict[str, int], slots: dict[tuple[str, str], int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _fill_slow(rows: list[tuple[str, int, Any, int | None]], instruments: list[Instrument],
+               col: dict[str, int], slots: dict[tuple[str, str], int], *,
+               access: _Access | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Positions, entries and balances of ``rows``, position by position (validating; netting within a row)."""
+    acc = access or _MAPPING
     a, n_i = len(rows), len(instruments)
     pos = np.zeros((a, n_i))
     entry = np.zeros((a, n_i))
     bal = np.zeros((a, len(slots)))
     for r, (_, ai, acct, si) in enumerate(rows):
         path = f"$.accounts[{ai}]" if si is None else f"$.accounts[{ai}].subaccounts[{si}]"
-        for pi, p in enumerate(acct.get("positions", [])):
+        for pi, p in enumerate(acc.positions(acct)):
             where = f"{path}.positions[{pi}]"
-            iid = p["instrument"]
+            iid = acc.instrument(p)
             if iid not in col:
                 raise ValueError(f"{where}.instrument: unknown instrument {iid!r}")
-            size = p["size"]
+            size = acc.size(p)
             if isinstance(size, bool) or not isinstance(size, int | float) or not math.isfinite(size):
                 raise ValueError(f"{where}.size: must be a finite number, got {size!r}")
-            ep = p.get("entry_price")
+            ep = acc.entry_price(p)
             if size != 0 and (ep is None or not math.isfinite(ep) or ep <= 0 and not instruments[col[iid]].is_option):
                 raise ValueError(f"{where}.entry_price: must be a positive number, got {ep!r}")
             c = col[iid]
@@ -290,51 +298,75 @@ def _fill_slow(rows: list[tuple[str, int, Mapping[str, Any], int | None]], instr
             elif np.sign(new) != np.sign(old) and new != 0:
                 entry[r, c] = ep
             pos[r, c] = new
-        for ci, cl in enumerate(acct.get("collateral", [])):
-            amt = cl["amount"]
+        for ci, cl in enumerate(acc.collateral(acct)):
+            amt = acc.amount(cl)
             if isinstance(amt, bool) or not isinstance(amt, int | float) or not math.isfinite(amt) or amt < 0:
                 raise ValueError(f"{path}.collateral[{ci}].amount: must be a non-negative number, got {amt!r}")
-            bal[r, slots[(cl["asset"], cl.get("chain", "ethereum"))]] += amt
+            bal[r, slots[(acc.asset(cl), acc.chain(cl))]] += amt
     return pos, entry, bal
 
 
 _NUM = {int, float}  # exact types: bool (a subclass of int) is not a number here
 _NUM_OR_NONE = {int, float, type(None)}
 _ROW_ID, _ROW_POOL, _ROW_DOC = itemgetter(0), itemgetter(1), itemgetter(2)
-_ID, _ASSET = itemgetter("id"), itemgetter("asset")
-_GET_SUBACCOUNTS = methodcaller("get", "subaccounts")
-_GET_CHAIN = methodcaller("get", "chain", "ethereum")
-_GET_POSITIONS = methodcaller("get", "positions", ())
-_GET_COLLATERAL = methodcaller("get", "collateral", ())
-_INSTRUMENT, _SIZE, _AMOUNT = itemgetter("instrument"), itemgetter("size"), itemgetter("amount")
-_GET_ENTRY = methodcaller("get", "entry_price")
+
+#: What an absent optional field of an account, subaccount, position or collateral entry means.
+RECORD_DEFAULTS: dict[str, Any] = {"subaccounts": (), "positions": (), "collateral": (), "entry_price": None,
+                                   "chain": "ethereum"}
 
 
-def _collateral_keys(clists: list[Any]) -> list[tuple[str, str]]:
+class _Access(NamedTuple):
+    """Readers of the fields of the records under ``$.accounts`` (C-level callables, for ``map``)."""
+
+    id: Callable[[Any], Any]
+    subaccounts: Callable[[Any], Any]
+    positions: Callable[[Any], Any]
+    collateral: Callable[[Any], Any]
+    instrument: Callable[[Any], Any]
+    size: Callable[[Any], Any]
+    entry_price: Callable[[Any], Any]
+    asset: Callable[[Any], Any]
+    chain: Callable[[Any], Any]
+    amount: Callable[[Any], Any]
+
+
+def _readers(required: Callable[[str], Callable[[Any], Any]],
+             optional: Callable[[str, Any], Callable[[Any], Any]]) -> _Access:
+    return _Access(**{f: optional(f, RECORD_DEFAULTS[f]) if f in RECORD_DEFAULTS else required(f)
+                      for f in _Access._fields})
+
+
+_MAPPING = _readers(itemgetter, lambda f, default: methodcaller("get", f, default))  # plain JSON (dicts)
+_ATTRIBUTES = _readers(attrgetter, lambda f, _default: attrgetter(f))  # objects carrying every default
+
+
+def _collateral_keys(clists: list[Any], acc: _Access) -> list[tuple[str, str]]:
     """(asset, chain) of every collateral entry of every row, in order (chain defaults to ethereum)."""
     cflat = list(chain.from_iterable(clists))
-    return list(zip(map(_ASSET, cflat), map(_GET_CHAIN, cflat), strict=True))
+    return list(zip(map(acc.asset, cflat), map(acc.chain, cflat), strict=True))
 
 
 def _fill_fast(docs: list[Mapping[str, Any]], instruments: list[Instrument], col: dict[str, int],
                slots: dict[tuple[str, str], int], *, clists: list[Any] | None = None,
-               ckeys: list[tuple[str, str]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+               ckeys: list[tuple[str, str]] | None = None,
+               access: _Access | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """:func:`_fill_slow` for the common case, with array operations: the same arrays, bit for bit (the same
     floating-point expressions), or None when a row nets two positions of one instrument or anything fails
     a check (then :func:`_fill_slow` runs and names the first error). ``docs`` are the rows' documents;
     ``clists``/``ckeys`` (each row's collateral list, :func:`_collateral_keys` of them) when already built."""
+    acc = access or _MAPPING
     a, n_i = len(docs), len(instruments)
     # map/itemgetter over the flat lists: the same values as comprehensions, about twice as fast
-    plists = list(map(_GET_POSITIONS, docs))
+    plists = list(map(acc.positions, docs))
     if clists is None:
-        clists = list(map(_GET_COLLATERAL, docs))
+        clists = list(map(acc.collateral, docs))
     flat = list(chain.from_iterable(plists))
     try:
-        cidx = list(map(col.__getitem__, map(_INSTRUMENT, flat)))
-        sizes = list(map(_SIZE, flat))
+        cidx = list(map(col.__getitem__, map(acc.instrument, flat)))
+        sizes = list(map(acc.size, flat))
     except (KeyError, TypeError):
         return None
-    eps = list(map(_GET_ENTRY, flat))
+    eps = list(map(acc.entry_price, flat))
     if not set(map(type, sizes)) <= _NUM or not set(map(type, eps)) <= _NUM_OR_NONE:
         return None
     try:
@@ -371,7 +403,7 @@ def _fill_fast(docs: list[Mapping[str, Any]], instruments: list[Instrument], col
     bal = np.zeros((a, len(slots)))
     cflat = list(chain.from_iterable(clists))
     try:
-        amts = list(map(_AMOUNT, cflat))
+        amts = list(map(acc.amount, cflat))
     except (KeyError, TypeError):
         return None
     if not set(map(type, amts)) <= _NUM:
@@ -384,7 +416,7 @@ def _fill_fast(docs: list[Mapping[str, Any]], instruments: list[Instrument], col
         return None
     crow = np.repeat(np.arange(a, dtype=np.intp), list(map(len, clists)))
     try:
-        cslot = np.array(list(map(slots.__getitem__, _collateral_keys(clists) if ckeys is None else ckeys)),
+        cslot = np.array(list(map(slots.__getitem__, _collateral_keys(clists, acc) if ckeys is None else ckeys)),
                          dtype=np.intp)
     except (KeyError, TypeError):
         return None

@@ -5,11 +5,13 @@
   :func:`_struct_type` accepts only what the schema accepts: strict types, no booleans as numbers, no extra keys,
   required keys, minLength, minimum, and nothing is generated when the definitions use any other keyword), the
   other top-level keys checked by the same schema compiled once with ``fastjsonschema`` (under draft-07, whose
-  semantics are the same for every keyword this schema uses) (:func:`_validated_json`; 1.3 ms for a
-  1,000-account book against 6-10 ms for ``pydantic_core``'s ``validate_json``). Any body that pass refuses is
-  parsed again (``pydantic_core.from_json``, NaN and Infinity refused, else ``json.loads``, whose errors give line
-  and column) and checked by :func:`margin.validation.validate_document`, so the error message is the engine's,
-  naming the JSON path and value.
+  semantics are the same for every keyword this schema uses) (:func:`_decoded`; 0.6 ms for a 1,000-account
+  book against 6-10 ms for ``pydantic_core``'s ``validate_json``). The Structs carry the engine's defaults for
+  absent fields and go straight into ``Portfolio.from_dict(..., records="attributes")``: no dict is built per
+  account, position or collateral entry. Any body that pass refuses is parsed again (``pydantic_core.from_json``,
+  NaN and Infinity refused, else ``json.loads``, whose errors give line and column) and checked by
+  :func:`margin.validation.validate_document`, so the error message is the engine's, naming the JSON path and
+  value.
 * Output: :func:`margin_response` builds ``MarginResult.to_dict()``'s document from the result's arrays column by
   column, accounts as ``msgspec`` Structs (its JSON checked equal to ``to_dict()``'s in the tests);
   :func:`dump_response` serialises it with ``msgspec`` (non-finite margins are refused before, as
@@ -39,12 +41,15 @@ class _Unsupported(Exception):
 _ANNOTATIONS = {"title", "description", "$comment"}
 
 
-def _struct_type(node: dict[str, Any], defs: dict[str, Any], made: dict[str, Any], depth: int = 0) -> Any:
+def _struct_type(node: dict[str, Any], defs: dict[str, Any], made: dict[str, Any], depth: int = 0,
+                 defaults: dict[str, Any] | None = None) -> Any:
     """A ``msgspec`` type decoding exactly what the JSON Schema ``node`` accepts, for the keywords type (object,
     array, string, number), properties, required, additionalProperties: false, items, minItems, minLength,
-    minimum, exclusiveMinimum and local ``$ref`` (closed objects become Structs that refuse unknown fields; optional
-    fields are left out when absent, so ``msgspec.to_builtins`` gives back the document as sent);
-    :class:`_Unsupported` for anything else."""
+    minimum, exclusiveMinimum and local ``$ref`` (closed objects become Structs that refuse unknown fields and
+    are not tracked by the cyclic garbage collector); an absent optional field takes its value from ``defaults``
+    (by field name; ``msgspec`` does not validate a default, so an explicit ``null`` is still refused) or else
+    is ``UNSET``, and ``msgspec.to_builtins`` leaves defaults out, giving back the document as sent less any
+    optional field sent with its default value; :class:`_Unsupported` for anything else."""
     from typing import Annotated
 
     import msgspec
@@ -58,7 +63,7 @@ def _struct_type(node: dict[str, Any], defs: dict[str, Any], made: dict[str, Any
             raise _Unsupported(f"$ref {ref!r}")
         name = ref[8:]
         if name not in made:
-            made[name] = _struct_type(defs[name], defs, made, depth + 1)
+            made[name] = _struct_type(defs[name], defs, made, depth + 1, defaults)
         return made[name]
     t = node.get("type")
     if t == "object" and keys <= {"type", "properties", "required", "additionalProperties"}:
@@ -67,12 +72,17 @@ def _struct_type(node: dict[str, Any], defs: dict[str, Any], made: dict[str, Any
             raise _Unsupported("open object")
         fields = []
         for k, v in props.items():
-            typ = _struct_type(v, defs, made, depth + 1)
-            fields.append((k, typ) if k in req else (k, typ | msgspec.UnsetType, msgspec.UNSET))
+            typ = _struct_type(v, defs, made, depth + 1, defaults)
+            if k in req:
+                fields.append((k, typ))
+            elif k in (defaults or {}):
+                fields.append((k, typ, defaults[k]))  # type: ignore[index]
+            else:
+                fields.append((k, typ | msgspec.UnsetType, msgspec.UNSET))
         return msgspec.defstruct(f"_S{len(made)}_{depth}", fields, kw_only=True, forbid_unknown_fields=True,
-                                 omit_defaults=True)
+                                 omit_defaults=True, gc=False)
     if t == "array" and keys <= {"type", "items", "minItems"} and "items" in node:
-        item = _struct_type(node["items"], defs, made, depth + 1)
+        item = _struct_type(node["items"], defs, made, depth + 1, defaults)
         n = node.get("minItems")
         return list[item] if n is None else Annotated[list[item], msgspec.Meta(min_length=n)]  # type: ignore[valid-type]
     if t == "string" and keys <= {"type", "minLength"}:
@@ -88,10 +98,13 @@ def _struct_type(node: dict[str, Any], defs: dict[str, Any], made: dict[str, Any
 @cache
 def _document_decoder() -> Any | None:
     """``msgspec`` decoder of a whole portfolio body: ``$.accounts`` into Structs generated from the schema's
-    ``$defs`` (:func:`_struct_type`), every other top-level key kept as raw JSON (``fastjsonschema`` checks them
-    after), unknown top-level keys refused; None when the schema uses a keyword that is not translated."""
+    ``$defs`` (:func:`_struct_type`) with the engine's :data:`margin.accounts.RECORD_DEFAULTS` for absent
+    optional fields (what ``Portfolio.from_dict(..., records="attributes")`` reads), every other top-level key
+    kept as raw JSON (``fastjsonschema`` checks them after), unknown top-level keys refused; None when the schema
+    uses a keyword that is not translated."""
     import msgspec
 
+    from margin.accounts import RECORD_DEFAULTS
     from margin.validation import load_schema
 
     schema = load_schema("portfolio")
@@ -99,7 +112,7 @@ def _document_decoder() -> Any | None:
     if schema.get("additionalProperties", True) is not False or "accounts" not in props:
         return None
     try:
-        accounts = _struct_type(props["accounts"], schema.get("$defs", {}), {})
+        accounts = _struct_type(props["accounts"], schema.get("$defs", {}), {}, defaults=RECORD_DEFAULTS)
     except (_Unsupported, KeyError, TypeError):
         return None
     fields = [(k, accounts if k == "accounts" else msgspec.Raw) if k in req else
@@ -108,12 +121,13 @@ def _document_decoder() -> Any | None:
     return msgspec.json.Decoder(top)
 
 
-def _validated_json(body: bytes) -> Any | None:
-    """The document of ``body`` when one pass proves it valid under the portfolio schema; None: the slow path
-    decides. The accounts (the bulk of a large book) are parsed and checked by ``msgspec`` into Structs
-    generated from the schema (about 5x faster than ``pydantic_core``'s ``validate_json`` of the same book) and
-    turned back into plain JSON values; the few other keys are parsed with ``json`` and checked by
-    ``fastjsonschema``; no NaN/Infinity anywhere (``msgspec`` refuses those literals as invalid JSON)."""
+def _decoded(body: bytes) -> tuple[dict[str, Any], list[Any]] | None:
+    """``(other top-level keys as plain JSON, accounts as Structs)`` when one pass proves ``body`` valid under the
+    portfolio schema; None: the slow path decides. The accounts (the bulk of a large book) are parsed and
+    checked by ``msgspec`` into Structs generated from the schema (about 5x faster than ``pydantic_core``'s
+    ``validate_json`` of the same book, and no dict per record); the few other keys are parsed with ``json``
+    and checked by ``fastjsonschema``; no NaN/Infinity anywhere (``msgspec`` refuses those literals as invalid
+    JSON)."""
     import fastjsonschema
     import msgspec
 
@@ -129,10 +143,9 @@ def _validated_json(body: bytes) -> Any | None:
                 rest[k] = json.loads(bytes(v))
         json.dumps(rest, allow_nan=False)  # a number beyond float range outside the accounts
         _fast_validator()({**rest, "accounts": []})
-        accounts = msgspec.to_builtins(top.accounts)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, fastjsonschema.JsonSchemaException):
         return None
-    return {**rest, "accounts": accounts}
+    return rest, top.accounts
 
 
 @cache
@@ -167,23 +180,33 @@ def parse_portfolio(body: bytes) -> Any:
     from margin.accounts import Portfolio
     from margin.validation import validate_document
 
-    doc = _validated_json(body)
-    slow = doc is None  # invalid, or valid in a way the one pass does not prove: the engine's validator decides
-    if slow:
-        try:
-            doc = pydantic_core.from_json(body, allow_inf_nan=False)
-        except ValueError:  # not JSON, not UTF-8, or NaN/Infinity: the standard parser decides and words the error
-            try:
-                doc = json.loads(body, parse_constant=_reject_constant)
-            except _NonFinite:
-                doc = json.loads(body)  # NaN/Infinity literals: let the engine's validator name the field
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-                raise PortfolioError(f"request body is not valid JSON{where}: {getattr(exc, 'msg', exc)}") from None
+    fast = _decoded(body)
+    if fast is not None:
+        rest, accounts = fast
+        return _built(lambda: Portfolio.from_dict({**rest, "accounts": accounts}, records="attributes"))
+    # invalid, or valid in a way the one pass does not prove: the engine's validator decides and words the error
     try:
-        if slow:
-            validate_document(doc, "portfolio")
+        doc = pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError:  # not JSON, not UTF-8, or NaN/Infinity: the standard parser decides and words the error
+        try:
+            doc = json.loads(body, parse_constant=_reject_constant)
+        except _NonFinite:
+            doc = json.loads(body)  # NaN/Infinity literals: let the engine's validator name the field
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+            raise PortfolioError(f"request body is not valid JSON{where}: {getattr(exc, 'msg', exc)}") from None
+
+    def checked() -> Any:
+        validate_document(doc, "portfolio")
         return Portfolio.from_dict(doc)
+
+    return _built(checked)
+
+
+def _built(build: Any) -> Any:
+    """``build()``, its schema or semantic error (JSON path and value) as a :class:`PortfolioError`."""
+    try:
+        return build()
     except (ValueError, KeyError, TypeError) as exc:
         raise PortfolioError(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)) from None
 
