@@ -48,8 +48,9 @@ def _struct_type(node: dict[str, Any], defs: dict[str, Any], made: dict[str, Any
     minimum, exclusiveMinimum and local ``$ref`` (closed objects become Structs that refuse unknown fields and
     are not tracked by the cyclic garbage collector); an absent optional field takes its value from ``defaults``
     (by field name; ``msgspec`` does not validate a default, so an explicit ``null`` is still refused) or else
-    is ``UNSET``, and ``msgspec.to_builtins`` leaves defaults out, giving back the document as sent less any
-    optional field sent with its default value; :class:`_Unsupported` for anything else."""
+    is ``UNSET`` (``msgspec.to_builtins`` then gives back the document as sent, up to optional fields that
+    carry their default value: the tests compare both with those left out); :class:`_Unsupported` for anything
+    else."""
     from typing import Annotated
 
     import msgspec
