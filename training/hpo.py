@@ -456,9 +456,10 @@ class _SearchTracker:
     def __init__(self, settings: HpoSettings, engine: str, tracking_uri: str) -> None:
         import mlflow
 
+        from training.tracking import use_experiment
+
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(settings.name)
+        use_experiment(settings.name, tracking_uri)
         run = mlflow.start_run(run_name=f"{settings.name}/search", tags={"job": "hpo", "engine": engine,
                                                                           "dataset": settings.dataset})
         self.run_id = run.info.run_id

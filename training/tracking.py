@@ -28,6 +28,7 @@ from training.walk_forward import WalkForwardResult
 __all__ = [
     "DEFAULT_TRACKING_URI",
     "resolve_tracking_uri",
+    "use_experiment",
     "atomic_write_text",
     "atomic_write_parquet",
     "flatten_metrics",
@@ -60,6 +61,38 @@ def resolve_tracking_uri(uri: str | None = None, *, allow_file_store: bool = Fal
             f"{DEFAULT_TRACKING_URI!r}, or set allow_file_store: true"
         )
     return resolved
+
+
+def use_experiment(name: str, tracking_uri: str) -> str:
+    """Point MLflow at ``tracking_uri`` and experiment ``name`` (created if missing); returns its id.
+
+    A new experiment in a SQLite store keeps its artifacts in ``mlruns/<name>/`` beside the database file, so a store
+    and its artifacts stay together (MLflow's default is ``./mlruns`` of whatever directory the process runs
+    in: a job pointed at another directory's database would scatter artifacts into the current one). Existing
+    experiments keep their artifact location; other stores use MLflow's default.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    root = _sqlite_artifact_root(tracking_uri, name)
+    if root is not None and mlflow.get_experiment_by_name(name) is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=root)
+        except MlflowException:  # created meanwhile by another process: use it as it is
+            pass
+    return mlflow.set_experiment(name).experiment_id
+
+
+def _sqlite_artifact_root(tracking_uri: str, experiment: str) -> str | None:
+    """``file:`` URI of ``mlruns/<experiment>`` beside the database of a ``sqlite:///PATH`` URI; None for other
+    stores."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).resolve().parent / "mlruns" / _safe(experiment)).as_uri()
 
 
 def flatten_metrics(entry: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -169,7 +202,7 @@ class TrainingTracker:
     def start(self, *, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
         """Start the parent run; returns its id."""
         mlflow = self._mlflow
-        mlflow.set_experiment(self.experiment)
+        use_experiment(self.experiment, self.tracking_uri)
         run = mlflow.start_run(run_name=run_name, tags={mlflow_key(k): v for k, v in (tags or {}).items()})
         self.parent_run_id = run.info.run_id
         mlflow.log_params({mlflow_key(k): _param(v) for k, v in params.items()})

@@ -319,7 +319,7 @@ def run_job(
     """
     import mlflow
 
-    from training.tracking import flatten_metrics
+    from training.tracking import flatten_metrics, use_experiment
     from volmargin.report import ReportData, write_report
 
     t0 = time.perf_counter()
@@ -330,8 +330,7 @@ def run_job(
     inputs, training = load_assets(cfg, mode=mode, progress=progress)
     outcomes, portfolio = evaluate_assets(cfg, inputs, progress=progress)
     chash = config_hash(cfg)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.name)
+    use_experiment(cfg.name, uri)
     status = "FAILED"
     run = mlflow.start_run(run_name=f"{cfg.name}-{mode}", tags={"job": mode, "config_hash": chash})
     run_id = run.info.run_id

@@ -28,7 +28,7 @@ import yaml
 
 from data_pipelines.atomic import atomic_write_text
 from stress.suite import MapFn, build_task, load_settings, run_suite
-from training.tracking import resolve_tracking_uri
+from training.tracking import resolve_tracking_uri, use_experiment
 from volmargin.executor import Executor
 from volmargin.report import finite_or_none
 
@@ -296,8 +296,7 @@ def run_stress_job(config: str | Path, out_dir: str | Path, *, progress: Callabl
 
         tr = raw.get("tracking") or {}
         uri = resolve_tracking_uri(tracking_uri or tr.get("uri"))
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(str(tr.get("experiment", settings.name)))
+        use_experiment(str(tr.get("experiment", settings.name)), uri)
         with mlflow.start_run(run_name=f"{settings.name}-stress", tags={"job": "stress"}) as run:
             run_id = run.info.run_id
             flat = pd.json_normalize({k: v for k, v in raw.items() if k != "policies"}, sep=".").iloc[0].to_dict()

@@ -192,7 +192,9 @@ def test_mlflow_pyfunc_round_trip(name, data, fitted, mlflow_uri, monkeypatch):
     mlflow.set_tracking_uri(uri)
     try:
         f = fitted(name)
-        mlflow.set_experiment("pyfunc-test")
+        from training.tracking import use_experiment
+
+        use_experiment("pyfunc-test", uri)  # artifacts beside the test's database, not in the working directory
         with mlflow.start_run():
             info = log_forecaster(f, name="model", input_example=A.iloc[-3:], horizon=3)
         loaded = mlflow.pyfunc.load_model(info.model_uri)

@@ -12,6 +12,7 @@ from training.tracking import (
     atomic_write_text,
     flatten_metrics,
     resolve_tracking_uri,
+    use_experiment,
 )
 
 
@@ -71,3 +72,20 @@ def test_plots_written(tmp_path):
     b = plot_rolling_qlike({"ewma": res}, tmp_path / "q.png", window=20)
     assert a.stat().st_size > 1000 and b.stat().st_size > 1000
     assert np.all(res.forecast.variance > 0)
+
+
+def test_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    store, elsewhere = tmp_path / "store", tmp_path / "cwd"
+    store.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # MLflow's default would put artifacts in ./mlruns of this directory
+    uri = f"sqlite:///{store / 'runs.db'}"
+    exp_id = use_experiment("placement", uri)
+    assert use_experiment("placement", uri) == exp_id  # existing experiment: selected, not created again
+    assert mlflow.get_experiment(exp_id).artifact_location == (store / "mlruns" / "placement").as_uri()
+    with mlflow.start_run() as run:
+        mlflow.log_text("x", "note.txt")
+    logged = [p for p in (store / "mlruns").rglob("note.txt") if run.info.run_id in p.parts]
+    assert [p.read_text() for p in logged] == ["x"]
+    assert not (elsewhere / "mlruns").exists()
