@@ -294,7 +294,7 @@ def _fill_slow(rows: list[tuple[str, int, Any, int | None]], instruments: list[I
             new = old + size
             # average entry of same-direction additions (netting within a row)
             if old == 0 or np.sign(old) == np.sign(size):
-                entry[r, c] = (abs(old) * entry[r, c] + abs(size) * (ep or 0.0)) / max(abs(new), 1e-300)
+                entry[r, c] = (abs(old) * entry[r, c] + abs(size) * (ep or 0.0)) / max(abs(new), _TINY)
             elif np.sign(new) != np.sign(old) and new != 0:
                 entry[r, c] = ep
             pos[r, c] = new
@@ -307,6 +307,9 @@ def _fill_slow(rows: list[tuple[str, int, Any, int | None]], instruments: list[I
 
 
 _NUM = {int, float}  # exact types: bool (a subclass of int) is not a number here
+# the smallest positive float: the entry average divides by max(|size|, _TINY), i.e. by |size| for any non-zero
+# size, subnormal ones included (a floor of 1e-300 gave a 1e-310-contract position an entry 1e-10 of its price)
+_TINY = math.ulp(0.0)
 _NUM_OR_NONE = {int, float, type(None)}
 _ROW_ID, _ROW_POOL, _ROW_DOC = itemgetter(0), itemgetter(1), itemgetter(2)
 
@@ -398,7 +401,7 @@ def _fill_fast(docs: list[Mapping[str, Any]], instruments: list[Instrument], col
     # first (and only) position of its (row, instrument): old = 0, entry = (|0|*0 + |size|*(ep or 0)) / max(|size|, tiny)
     ep0 = np.where(none | (ep == 0), 0.0, ep)
     mag = np.abs(size)
-    entry[prow, pcol] = (0.0 * 0.0 + mag * ep0) / np.maximum(mag, 1e-300)
+    entry[prow, pcol] = (0.0 * 0.0 + mag * ep0) / np.maximum(mag, _TINY)
     pos[prow, pcol] = 0.0 + size
     bal = np.zeros((a, len(slots)))
     cflat = list(chain.from_iterable(clists))

@@ -517,7 +517,7 @@ def compute_margin(
     coll = pool_sum(coll_rows, pf.pool_index, pf.n_pools)
     upnl = pool_sum(upnl_rows, pf.pool_index, pf.n_pools)
     equity = coll + upnl
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # equity / a subnormal MM: inf
         health = np.where(mm > 0, equity / mm, np.inf)
     pos_lp = im_pos = None
     if mode == "isolated":

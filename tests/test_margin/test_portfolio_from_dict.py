@@ -44,3 +44,24 @@ def test_fast_path_equals_the_loop(accounts):
     fast = _fill_fast([r[2] for r in rows], inst, col, slots)
     if fast is not None:  # declined only for netting within a row
         assert all(np.array_equal(x, y) for x, y in zip(fast, (pos, entry, bal), strict=True))
+
+
+def test_subnormal_sizes_keep_their_entry_price_and_margin_without_warnings():
+    import warnings
+
+    from margin.engine import compute_margin
+    from margin.params import MarginParams, ParamsFile
+
+    prm = ParamsFile(markets=tuple(MarginParams(market_id=u, im_rate=0.1, mm_rate=0.05) for u in ("BTC", "ETH")))
+    for size in (1e-310, -5e-324, 1e-300, 1e-3):
+        doc = {"as_of": "2026-01-01T00:00:00Z", "instruments": INSTRUMENTS,
+               "marks": {"underlyings": {"BTC": 90000.0, "ETH": 3000.0}, "collateral": {"USDC": 1.0}},
+               "accounts": [{"id": "a", "collateral": [{"asset": "USDC", "amount": 100.0}],
+                             "positions": [{"instrument": "BTC-PERP", "size": size, "entry_price": 80000.0}]}]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no overflow in the health factor of a subnormal MM
+            pf = Portfolio.from_dict(doc)
+            assert pf.entry[0, 0] == 80000.0 and pf.positions[0, 0] == size
+            for mode in ("cross", "isolated", "portfolio"):
+                res = compute_margin(pf, prm, mode)
+                assert 0 < res.mm[0] <= res.im[0] and res.health[0] > 1
