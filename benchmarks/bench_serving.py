@@ -191,7 +191,7 @@ def main() -> dict:
             "GET /v1/params/{market}": {"name": "params", "method": "GET", "path": "/v1/params/BTC-PERP", "rate": 500.0,
                                         "duration_s": 10.0, "workers": 16},
             "POST /v1/margin (1000 accounts)": {"name": "margin", "method": "POST", "path": "/v1/margin", "rate": 5.0,
-                                                "duration_s": 10.0, "workers": 4, "body_file": str(body),
+                                                "duration_s": 20.0, "workers": 4, "body_file": str(body),
                                                 "headers": [["content-type", "application/json"]]},
             "POST /v1/margin (1000 accounts, liquidation_price=false)": {
                 "name": "margin_nolp", "method": "POST", "path": "/v1/margin?liquidation_price=false", "rate": 10.0,
