@@ -118,12 +118,16 @@ class PromotionConfig(StrictModel):
         Bootstrap replications of the MCS.
     max_traffic_light : {"green", "yellow"}
         Worst acceptable Basel zone of the 99% VaR exceptions (pre-cut).
+    spa_reps : int
+        Bootstrap replications of Hansen's SPA test that a configuration found by a search (``volmargin hpo``)
+        must also pass, below ``dm_alpha``, against the champion.
     """
 
     register_models: bool = True
     dm_alpha: float = Field(default=0.05, gt=0, lt=1)
     mcs_size: float = Field(default=0.10, gt=0, lt=1)
     mcs_reps: int = Field(default=1000, ge=10)
+    spa_reps: int = Field(default=1000, ge=10)
     max_traffic_light: Literal["green", "yellow"] = "yellow"
 
 

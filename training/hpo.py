@@ -28,8 +28,12 @@ What happens to the best configuration
     as a hand-written specification would be. If the champion still has the lower pre-cut QLIKE, the
     gate re-confirms it and the searched configuration is not registered (the decision says so).
 
-Caveat: the searched configuration was chosen on the same pre-cut origins the gate's Diebold-Mariano
-test then uses, so its p-value is optimistic after many trials; the held-out evaluation is unaffected.
+    The searched configuration was chosen as the best of ``k`` trials on the same pre-cut origins the gate's
+    Diebold-Mariano test then uses, so that p-value alone is optimistic. When there is a champion, the gate
+    also needs Hansen's (2005) SPA test of all ``k`` completed trials against it (:func:`selection_test`,
+    ``arch.bootstrap.SPA``; the champion scored by the trials' own walk-forward) below ``dm_alpha``: a search
+    is credited with beating the champion only if the best of everything it tried does so beyond what the
+    search alone would produce. The held-out evaluation is unaffected either way.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from training.config import (
     TrainSettings,
     WalkForwardConfig,
 )
+from training.evaluation import row_losses
 from training.metrics import qlike
 from training.walk_forward import TaskExecutor, WalkForwardTask, check_executor, cut_timestamp, walk_forward
 
@@ -231,6 +236,8 @@ class TrialResult:
     fallbacks: int = 0
     seconds: float = 0.0
     error: str | None = None
+    origins: list[str] = field(default_factory=list)  # pre-cut forecast origins (ISO, UTC) ...
+    losses: list[float] = field(default_factory=list)  # ... and the QLIKE at each (mean over horizon steps)
 
     @property
     def ok(self) -> bool:
@@ -271,8 +278,10 @@ def evaluate_trial(task: TrialTask) -> TrialResult:
             start += rec.n_origins
             sel &= mask
             folds.append(float(qlike(y[sel].ravel(), f[sel].ravel())) if sel.any() else float("nan"))
+        per_origin = row_losses(res, "pre_cut")  # the series the gate's Diebold-Mariano test reads
         return TrialResult(task.number, dict(task.params), score, folds, int(mask.sum()), res.n_fallbacks,
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, origins=[t.isoformat() for t in per_origin.index],
+                           losses=[float(v) for v in per_origin.to_numpy()])
     except Exception as exc:  # one bad parameter set must not end the search
         log.warning("trial %d (%s) failed: %s: %s", task.number, task.params, type(exc).__name__, exc)
         return TrialResult(task.number, dict(task.params), float("nan"), seconds=time.perf_counter() - t0,
@@ -572,6 +581,41 @@ def _champion_spec(settings: HpoSettings, tracking_uri: str) -> ModelSpec | None
     return ModelSpec(name=spec["name"], params=dict(spec.get("params", {})), label=spec.get("key"))
 
 
+def selection_test(settings: HpoSettings, search: SearchResult, champion: ModelSpec,
+                   frame: pd.DataFrame) -> dict[str, Any]:
+    """Hansen's SPA test of every completed trial against the champion on the pre-cut origins: the p-value the
+    gate needs for a configuration chosen as the best of a search (the Diebold-Mariano p-value of the best
+    trial alone ignores that it was the best of ``k``). The champion is scored by the trials' own walk-forward
+    (same schedule, same origins); a search without per-origin losses gives ``pvalue`` None (the gate refuses).
+    """
+    from training.tests import superior_predictive_ability
+
+    ok = [t for t in search.trials if t.ok and t.losses]
+    base = _base_task(settings, frame)
+    bench = evaluate_trial(TrialTask(**{**asdict_shallow(base), "model_name": champion.name,
+                                        "model_key": champion.key, "params": dict(champion.params),
+                                        "refit_every": champion.refit_every or base.refit_every}))
+    out: dict[str, Any] = {"test": "Hansen (2005) SPA, consistent p-value, stationary bootstrap",
+                           "benchmark": champion.key, "trials": len(ok), "pvalue": None}
+    if not ok or not bench.ok:
+        out["error"] = bench.error or "no completed trial with per-origin losses"
+        return out
+
+    def series(t: TrialResult) -> pd.Series:
+        return pd.Series(t.losses, index=pd.DatetimeIndex(t.origins))
+
+    cands = pd.DataFrame({f"trial-{t.number:03d}": series(t) for t in ok})
+    try:
+        res = superior_predictive_ability(series(bench), cands, reps=settings.promotion.spa_reps,
+                                          seed=settings.seed)
+    except ValueError as exc:
+        out["error"] = str(exc)
+        return out
+    out.update(pvalue=res.pvalue, pvalue_lower=res.pvalue_lower, pvalue_upper=res.pvalue_upper, origins=res.n,
+               best_by_mean_loss=res.best, reps=res.reps, seed=res.seed)
+    return out
+
+
 def promote_best(settings: HpoSettings, search: SearchResult, frame: pd.DataFrame, *,
                  executor: TaskExecutor | None = None, label: str = "",
                  progress: Callable[[str, int, int], None] | None = None) -> SearchResult:
@@ -596,13 +640,21 @@ def promote_best(settings: HpoSettings, search: SearchResult, frame: pd.DataFram
         var_levels=settings.var_levels, tracking_uri=uri, allow_file_store=settings.allow_file_store,
         artifacts_dir=settings.artifacts_dir, promotion=settings.promotion,
     )
-    job = run_training(train, loader=lambda ds: (label or ds, frame), executor=executor, progress=progress)
+    selection = None
+    if champ is not None and champ.key != best.key:
+        selection = {best.key: selection_test(settings, search, champ, frame)}
+    job = run_training(train, loader=lambda ds: (label or ds, frame), executor=executor, progress=progress,
+                       selection=selection)
     ev = job.evaluation["assets"][settings.dataset]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     if search.search_run_id:
         client.set_tag(search.search_run_id, "promotion_run_id", job.run_id)
+        sel = (selection or {}).get(best.key) or {}
+        if sel.get("pvalue") is not None:  # the search-wide test, next to the search's trials
+            client.log_metric(search.search_run_id, "spa_pvalue_vs_champion", float(sel["pvalue"]))
+            client.set_tag(search.search_run_id, "spa_benchmark", str(sel["benchmark"]))
     client.set_tag(job.run_id, "hpo_search_run_id", str(search.search_run_id))
     promo = {
         "run_id": job.run_id,
@@ -611,6 +663,7 @@ def promote_best(settings: HpoSettings, search: SearchResult, frame: pd.DataFram
         "searched_key": best.key,
         "pre_cut_qlike": {k: v["pre_cut"].get("qlike") for k, v in ev["models"].items()},
         "decision": ev.get("decision"),
+        "selection_test": (selection or {}).get(best.key),
         "registered": bool(ev.get("decision") and ev["decision"].get("candidate") == best.key),
     }
     return SearchResult(search.engine, search.trials, search.best, search.best_params, search.search_run_id,

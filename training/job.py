@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,7 @@ def run_training(
     loader: Loader | None = None,
     progress: Progress | None = None,
     executor: TaskExecutor | None = None,
+    selection: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> JobResult:
     """Run a training config end to end.
 
@@ -128,6 +129,9 @@ def run_training(
     executor : TaskExecutor, optional
         Runs the (asset, model) walk-forward tasks, e.g. ``volmargin.executor.make_executor(**cfg.executor)``;
         default: in this process, in order. ``cfg.executor`` is read by whoever builds the executor, not here.
+    selection : mapping, optional
+        Per model key, the selection test of a configuration found by a search, for the promotion gate
+        (:func:`training.registry.decide`; :func:`training.hpo.promote_best` passes it).
     """
     _check_models(cfg)
     executor = check_executor(executor)
@@ -218,6 +222,7 @@ def run_training(
                     schedule={**schedule, "horizon": cfg.horizon},
                     dm_alpha=cfg.promotion.dm_alpha,
                     max_traffic_light=cfg.promotion.max_traffic_light,
+                    selection=selection,
                 )
                 ev["decision"] = decision.to_dict()
                 ev["champion"] = decision.champion_after

@@ -119,6 +119,7 @@ def decide(
     *,
     dm_alpha: float = 0.05,
     max_traffic_light: str = "yellow",
+    selection: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Decision:
     """Apply the promotion gate to one asset's evaluation (pre-cut numbers only).
 
@@ -135,6 +136,11 @@ def decide(
         Significance of the one-sided Diebold-Mariano test of candidate over champion.
     max_traffic_light : {"green", "yellow"}
         Worst acceptable pre-cut 99% VaR zone.
+    selection : mapping, optional
+        Per model key, the test of a configuration chosen as the best of a search (``training.hpo``'s
+        :func:`~training.hpo.selection_test`: Hansen's SPA p-value of all its trials against the champion,
+        ``pvalue``, and ``trials``). Such a candidate must also have that p-value below ``dm_alpha`` to replace
+        the champion: its own DM p-value ignores that it was the best of many.
     """
     cut = str(evaluation.get("cut"))
     cand = best_candidate(evaluation, max_traffic_light)
@@ -182,6 +188,15 @@ def decide(
     if p_better is None or not p_better < dm_alpha:
         ok = False
         reasons.append(f"Diebold-Mariano p-value {p_better} against the champion is not below {dm_alpha}")
+    sel = (selection or {}).get(cand)
+    if sel is not None:
+        checks["selection"] = dict(sel)
+        p_sel = sel.get("pvalue")
+        if p_sel is None or not p_sel < dm_alpha:
+            ok = False
+            reasons.append(f"chosen as the best of {sel.get('trials')} search trials: SPA p-value {p_sel} of the "
+                           f"search against the champion is not below {dm_alpha} (the DM p-value ignores the search)"
+                           + (f"; {sel['error']}" if sel.get("error") else ""))
     if not pre.get("in_mcs", False):
         ok = False
         reasons.append("not a member of the pre-cut model confidence set")
@@ -191,7 +206,8 @@ def decide(
     if ok:
         reasons.append(
             f"{cand} beats champion {champion_key}: lower pre-cut QLIKE, DM p={p_better:.3g} < {dm_alpha}, "
-            f"in MCS, traffic light {zone}"
+            + (f"SPA p={sel['pvalue']:.3g} over {sel.get('trials')} search trials, " if sel is not None else "")
+            + f"in MCS, traffic light {zone}"
         )
     return Decision(dataset, cut, cand, champion_key, ok, cand if ok else champion_key, reasons, checks)
 
@@ -223,6 +239,7 @@ def register_and_promote(
     schedule: Mapping[str, Any],
     dm_alpha: float = 0.05,
     max_traffic_light: str = "yellow",
+    selection: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Decision:
     """Register the best candidate as a new version of the dataset's model and apply the gate.
 
@@ -239,6 +256,8 @@ def register_and_promote(
         Where to register and record.
     schedule : mapping
         Walk-forward schedule (refit every, window ...) recorded with the version.
+    selection : mapping, optional
+        Per model key, the selection test of a configuration found by a search (see :func:`decide`).
     """
     from mlflow.exceptions import MlflowException
 
@@ -258,7 +277,8 @@ def register_and_promote(
             champion_key = tag_key
         else:
             champion_key = f"<unevaluated:{tag_key}>"
-    decision = decide(dataset, evaluation, champion_key, dm_alpha=dm_alpha, max_traffic_light=max_traffic_light)
+    decision = decide(dataset, evaluation, champion_key, dm_alpha=dm_alpha, max_traffic_light=max_traffic_light,
+                      selection=selection)
     if champion_key is not None and champion_key.startswith("<unevaluated"):
         decision = Decision(
             decision.dataset, decision.cut, decision.candidate, champ_v.tags.get("model_key"), False,

@@ -3,6 +3,8 @@
 * Diebold-Mariano equal predictive accuracy with a HAC (Newey-West) variance and the
   Harvey-Leybourne-Newbold (1997) small-sample correction (Student t with ``n - 1`` df).
 * Hansen, Lunde & Nason (2011) model confidence set through ``arch.bootstrap.MCS`` (seeded).
+* Hansen (2005) test of superior predictive ability through ``arch.bootstrap.SPA`` (seeded): is the best of
+  many candidates (e.g. a hyperparameter search's trials) better than a benchmark, accounting for the search.
 * VaR coverage on any breach indicator array: Kupiec (1995) proportion of failures ``LR_uc``,
   Christoffersen (1998) independence ``LR_ind`` and conditional coverage ``LR_cc``.
 * Basel traffic light for 99% VaR scaled to the sample length by binomial quantiles.
@@ -28,6 +30,8 @@ __all__ = [
     "diebold_mariano",
     "MCSResult",
     "model_confidence_set",
+    "SPAResult",
+    "superior_predictive_ability",
     "CoverageResult",
     "TrafficLight",
     "kupiec_pof",
@@ -223,6 +227,68 @@ def model_confidence_set(
     included = tuple(str(m) for m in mcs.included)
     excluded = tuple(str(m) for m in mcs.excluded)
     return MCSResult(included, excluded, pvalues, size, method, reps, seed)
+
+
+# ---------------------------------------------------------------------------- superior predictive ability
+@dataclass(frozen=True)
+class SPAResult:
+    """Hansen's SPA test: p-values of "no candidate beats the benchmark" (``consistent`` is the one to read;
+    ``lower``/``upper`` bound it), the candidates and rows used, and the candidate with the lowest mean loss."""
+
+    pvalue: float
+    pvalue_lower: float
+    pvalue_upper: float
+    n: int
+    k: int
+    best: str
+    reps: int
+    seed: int | None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def superior_predictive_ability(
+    benchmark: pd.Series,
+    candidates: pd.DataFrame,
+    *,
+    reps: int = 1000,
+    block_size: int | None = None,
+    seed: int | None = 0,
+) -> SPAResult:
+    """Hansen (2005) SPA test of ``candidates`` against ``benchmark`` via ``arch.bootstrap.SPA`` (stationary
+    bootstrap, studentized): small p-values say that at least one candidate has a lower expected loss than the
+    benchmark, with the selection of the best among all ``k`` candidates accounted for (the Diebold-Mariano
+    p-value of the best one alone is optimistic: it ignores that it was chosen as the best of ``k``).
+
+    Parameters
+    ----------
+    benchmark : pd.Series
+        Per-row losses of the benchmark (e.g. the champion's per-origin QLIKE).
+    candidates : pd.DataFrame
+        Per-row losses, one column per candidate, on the same index; rows with any NaN (or a NaN benchmark)
+        are dropped.
+    reps, block_size, seed
+        Bootstrap replications, mean block length (default arch's), seed (numpy ``default_rng``).
+    """
+    from arch.bootstrap import SPA
+
+    if not isinstance(candidates, pd.DataFrame) or candidates.shape[1] == 0:
+        raise ValueError("candidates must be a DataFrame with at least one loss column")
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    both = pd.concat([benchmark.rename("__benchmark__"), candidates], axis=1, join="inner")
+    both = both.replace([np.inf, -np.inf], np.nan).dropna()
+    if len(both) < 10:
+        raise ValueError(f"superior_predictive_ability needs at least 10 complete loss rows, got {len(both)}")
+    cand = both.drop(columns="__benchmark__")
+    rng = np.random.default_rng(seed) if seed is not None else None
+    spa = SPA(both["__benchmark__"].to_numpy(), cand.to_numpy(), block_size=block_size, reps=reps,
+              bootstrap="stationary", studentize=True, nested=False, seed=rng)
+    spa.compute()
+    pv = spa.pvalues
+    return SPAResult(float(pv["consistent"]), float(pv["lower"]), float(pv["upper"]), len(both), cand.shape[1],
+                     str(cand.mean().idxmin()), reps, seed)
 
 
 # ---------------------------------------------------------------------------- VaR coverage

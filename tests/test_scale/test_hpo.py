@@ -64,6 +64,9 @@ class TestTrials:
         for t in out.trials:
             assert t.ok and 0.80 <= t.params["lam"] <= 0.99
             np.testing.assert_allclose(t.score, _gate_qlike(frame, t.params["lam"], s), rtol=1e-12)
+            # per-origin losses for the search-wide SPA test: one per pre-cut origin, all before the cut
+            assert len(t.losses) == len(t.origins) == t.n_origins and np.isfinite(t.losses).all()
+            assert max(pd.Timestamp(o) for o in t.origins) < pd.Timestamp(CUT, tz="UTC")
         assert out.best.score == min(t.score for t in out.trials)
 
     def test_held_out_bars_never_reach_a_trial(self, frame):
@@ -140,6 +143,13 @@ class TestTracking:
         # the searched config is registered iff the gate picks it as the candidate (lowest pre-cut QLIKE)
         better = p["pre_cut_qlike"]["ewma-hpo"] < p["pre_cut_qlike"]["ewma"]
         assert p["registered"] == better == (d["candidate"] == "ewma-hpo")
+        # a searched config replacing the champion also needs the SPA test of all 3 trials against it
+        sel = p["selection_test"]
+        assert sel["benchmark"] == "ewma" and sel["trials"] == 3 and 0.0 <= sel["pvalue"] <= 1.0
+        assert sel["origins"] == out.trials[0].n_origins
+        if d["candidate"] == "ewma-hpo":
+            assert d["checks"]["selection"]["pvalue"] == sel["pvalue"]
+            assert d["promoted"] <= (sel["pvalue"] < 0.05)
         np.testing.assert_allclose(p["pre_cut_qlike"]["ewma-hpo"], out.best.score, rtol=1e-12)
         from mlflow.tracking import MlflowClient
 
@@ -148,7 +158,9 @@ class TestTracking:
         if better and not d["promoted"]:
             v = client.get_model_version(registered_name(name), aliases["challenger"])
             assert v.tags["model_key"] == "ewma-hpo" and v.tags["decision"] == "challenger"
-        assert client.get_run(out.search_run_id).data.tags["promotion_run_id"] == p["run_id"]
+        search_run = client.get_run(out.search_run_id)
+        assert search_run.data.tags["promotion_run_id"] == p["run_id"]
+        assert search_run.data.metrics["spa_pvalue_vs_champion"] == sel["pvalue"]
 
 
 class TestTune:

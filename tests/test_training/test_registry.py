@@ -78,6 +78,19 @@ class TestGate:
         assert not d.promoted and d.champion_after == "ewma"
         assert any(reason in r for r in d.reasons)
 
+    def test_searched_challenger_also_needs_the_search_wide_spa_test(self):
+        ev = _evaluation()  # garch beats ewma with a DM p-value of 0.01 ...
+        sel = {"garch": {"pvalue": 0.23, "trials": 40, "test": "SPA"}}  # ... but was the best of 40 trials
+        d = decide("x", ev, "ewma", selection=sel)
+        assert not d.promoted and d.champion_after == "ewma" and d.checks["selection"]["pvalue"] == 0.23
+        assert any("best of 40 search trials: SPA p-value 0.23" in r for r in d.reasons)
+        d = decide("x", ev, "ewma", selection={"garch": {"pvalue": None, "trials": 0, "error": "no trial"}})
+        assert not d.promoted and any("no trial" in r for r in d.reasons)
+        d = decide("x", ev, "ewma", selection={"garch": {"pvalue": 0.01, "trials": 40}})
+        assert d.promoted and any("SPA p=0.01 over 40 search trials" in r for r in d.reasons)
+        d = decide("x", ev, "ewma", selection={"other-key": {"pvalue": 0.9, "trials": 3}})  # not the candidate
+        assert d.promoted and "selection" not in d.checks
+
     def test_red_model_is_not_even_a_challenger(self):
         ev = _evaluation()
         ev["models"]["garch"]["pre_cut"]["var"]["0.99"]["traffic_light"] = "red"

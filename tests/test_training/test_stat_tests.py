@@ -17,6 +17,7 @@ from training.tests import (
     diebold_mariano,
     kupiec_pof,
     model_confidence_set,
+    superior_predictive_ability,
     traffic_light,
     traffic_light_bounds,
     var_breaches,
@@ -201,3 +202,36 @@ def test_var_breaches_normal_quantile():
     assert list(out[:3]) == [1.0, 0.0, 0.0] and np.isnan(out[3])
     with pytest.raises(ValueError, match="level must be in"):
         var_breaches(r, v, 99)
+
+
+class TestSuperiorPredictiveAbility:
+    def test_a_truly_better_candidate_is_found(self, rng):
+        idx = pd.date_range("2020-01-01", periods=300, freq="D", tz="UTC")
+        bench = pd.Series(rng.gamma(2.0, 0.5, 300), index=idx)
+        cands = pd.DataFrame({f"c{i}": bench + rng.normal(0.0, 0.3, 300) for i in range(10)}, index=idx)
+        cands["good"] = bench - 0.3 + rng.normal(0.0, 0.1, 300)
+        res = superior_predictive_ability(bench, cands, reps=500, seed=1)
+        assert res.pvalue < 0.01 and res.best == "good" and (res.n, res.k) == (300, 11)
+        assert res.pvalue_lower <= res.pvalue <= res.pvalue_upper
+        assert superior_predictive_ability(bench, cands, reps=500, seed=1) == res  # seeded
+
+    def test_the_best_of_many_equal_candidates_is_not_credited(self):
+        """Twenty candidates no better than the benchmark: the best one's own one-sided DM p-value falls below
+        5 % in most samples (it was chosen as the best), the SPA p-value of the search rarely does."""
+        naive, spa = [], []
+        for seed in range(30):
+            r = np.random.default_rng(seed)
+            bench = pd.Series(r.gamma(2.0, 0.5, 250))
+            cands = pd.DataFrame({f"c{i}": bench + r.normal(0.0, 0.3, 250) for i in range(20)})
+            best = cands.mean().idxmin()
+            naive.append(diebold_mariano(cands[best].to_numpy(), bench.to_numpy(), horizon=1,
+                                         alternative="less").pvalue < 0.05)
+            spa.append(superior_predictive_ability(bench, cands, reps=300, seed=seed).pvalue < 0.05)
+        assert np.mean(naive) > 0.35 and np.mean(spa) <= 0.15, (np.mean(naive), np.mean(spa))  # 0.5 and 0.1 here
+
+    def test_bad_input_is_refused(self):
+        bench = pd.Series(np.ones(5))
+        with pytest.raises(ValueError, match="at least 10 complete loss rows"):
+            superior_predictive_ability(bench, pd.DataFrame({"a": np.ones(5)}))
+        with pytest.raises(ValueError, match="at least one loss column"):
+            superior_predictive_ability(bench, pd.DataFrame(index=bench.index))
