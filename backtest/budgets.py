@@ -245,16 +245,21 @@ class StaticEnvelope:
 def scaled_path(path: MarginPath, scale: float, controls: Controls | None) -> MarginPath:
     """``path`` with its IM multiplied by ``scale`` (a policy brought to a capital budget).
 
-    With ``controls`` the scaled IM goes through the controls again (the change cap is relative, so scaling
-    keeps it; the floor and ceiling clip; MM follows ``mm_fraction × IM`` with its notice); without, IM and MM
-    are scaled and capped (a reference path, MM binding as before).
+    With ``controls`` the policy's own IM before the controls (``path.im_requested``; the controlled IM for a
+    path without one) is scaled and then goes through the controls once: the floor and ceiling bind at their
+    own levels whatever the scale (scaling the controlled IM instead would make the ceiling ``scale ×
+    ceiling`` for a scale below 1, a rival unable to rise as far as the contender); the change cap is
+    relative, so scaling keeps it; MM follows ``mm_fraction × IM`` with its notice. Without ``controls``, IM
+    and MM are scaled and capped (a reference path, MM binding as before).
     """
-    im = np.minimum(np.asarray(path.im_rate, dtype=np.float64) * scale, 1.0)
     meta = {**path.meta, "budget_scale": float(scale)}
     if controls is not None:
-        cp = apply_controls(im, controls)
+        base = path.im_requested if path.im_requested is not None else path.im_rate
+        requested = np.asarray(base, dtype=np.float64) * scale
+        cp = apply_controls(np.minimum(requested, 1.0), controls)
         return MarginPath(times=path.times, im_rate=cp.im_new, mm_rate=cp.mm_open, policy=path.policy, meta=meta,
-                          mm_pending=cp.mm_pending, mm_effective_bar=cp.mm_effective_bar)
+                          mm_pending=cp.mm_pending, mm_effective_bar=cp.mm_effective_bar, im_requested=requested)
+    im = np.minimum(np.asarray(path.im_rate, dtype=np.float64) * scale, 1.0)
     mm = np.minimum(np.asarray(path.mm_rate, dtype=np.float64) * scale, im)
     return MarginPath(times=path.times, im_rate=im, mm_rate=mm, policy=path.policy, meta=meta,
                       mm_binds=path.mm_binds)

@@ -41,6 +41,10 @@ class MarginPath:
         Bar from which ``mm_pending`` binds (-1 when none).
     mm_binds : {"path", "entry"}
         Whether open positions follow the path's MM or keep the MM of their entry bar.
+    im_requested : np.ndarray, optional
+        The policy's own IM per bar before the controls (finite, > 0; may exceed the ceiling): what
+        :func:`backtest.budgets.scaled_path` scales to bring the policy to a capital budget before the controls
+        apply once, so a scaled policy keeps the controls' floor and ceiling. None when the policy has none.
     """
 
     times: pd.DatetimeIndex
@@ -51,6 +55,7 @@ class MarginPath:
     mm_pending: np.ndarray | None = None
     mm_effective_bar: np.ndarray | None = None
     mm_binds: Literal["path", "entry"] = "path"
+    im_requested: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         times = pd.DatetimeIndex(self.times)
@@ -70,6 +75,15 @@ class MarginPath:
             raise ValueError("MarginPath.mm_rate must not exceed im_rate")
         if self.mm_binds not in ("path", "entry"):
             raise ValueError(f"MarginPath.mm_binds must be 'path' or 'entry', got {self.mm_binds!r}")
+        if self.im_requested is not None:
+            q = np.asarray(self.im_requested, dtype=np.float64).ravel()
+            if q.size != n:
+                raise ValueError(f"MarginPath.im_requested has {q.size} values for {n} times")
+            if not np.all(np.isfinite(q) & (q > 0)):
+                i = int(np.flatnonzero(~(np.isfinite(q) & (q > 0)))[0])
+                raise ValueError(f"MarginPath.im_requested must be finite and > 0, got {float(q[i])!r} at {times[i]}")
+            q.setflags(write=False)
+            object.__setattr__(self, "im_requested", q)
         if self.mm_pending is not None:
             p = np.asarray(self.mm_pending, dtype=np.float64).ravel()
             if p.size != n:

@@ -144,7 +144,7 @@ def mm_controlled(name: str, ctx: PolicyContext, raw: np.ndarray, meta: dict[str
     cp = apply_controls(raw, ctx.controls, raw_mm)
     meta = {**meta, "controls": ctx.controls.to_dict()}
     return MarginPath(times=ctx.times, im_rate=cp.im_new, mm_rate=cp.mm_open, policy=name, meta=meta,
-                      mm_pending=cp.mm_pending, mm_effective_bar=cp.mm_effective_bar)
+                      mm_pending=cp.mm_pending, mm_effective_bar=cp.mm_effective_bar, im_requested=raw)
 
 
 def aligned_variance(ctx: PolicyContext, lam: float = 0.94) -> tuple[np.ndarray, np.ndarray]:

@@ -134,7 +134,8 @@ class PredictivePolicy:
             # MM fixed at entry (the MM target of the entry bar): open positions never see an MM change
             cp = apply_controls(raw, ctx.controls, raw_mm)
             return MarginPath(times=ctx.times, im_rate=cp.im_new, mm_rate=cp.mm_target,
-                              policy=self.name, meta={**meta, "controls": ctx.controls.to_dict()}, mm_binds="entry")
+                              policy=self.name, meta={**meta, "controls": ctx.controls.to_dict()}, mm_binds="entry",
+                              im_requested=raw)
         return mm_controlled(self.name, ctx, raw, meta, raw_mm)
 
 

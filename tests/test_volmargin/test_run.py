@@ -298,6 +298,30 @@ class TestHelpers:
         ref = scaled_path(base, 1.6, None)
         np.testing.assert_allclose(ref.im_rate, np.minimum(im * 1.6, 1.0), rtol=0, atol=0)
 
+    def test_scaled_policy_keeps_the_controls_ceiling(self) -> None:
+        """A policy scaled down to a budget is scaled before its controls, not after: its ceiling stays the
+        controls' ceiling (scaling the controlled IM made it scale x ceiling, a rival that could not rise as
+        far as the contender), and the result is the controls applied once to the scaled request."""
+        from margin.controls import Controls, apply_controls
+        from margin.policies import EwmaCcpPolicy, PolicyContext
+
+        t = pd.date_range("2020-01-01", periods=400, freq="D", tz="UTC")
+        r = np.random.default_rng(3).standard_t(3, 400) * np.where(np.arange(400) > 300, 0.08, 0.02)
+        bars = pd.DataFrame({"close": 100 * np.exp(np.cumsum(r))}, index=t)
+        bars["open"] = bars["high"] = bars["low"] = bars["close"]
+        bars["volume"] = 1.0
+        ctl = Controls(floor=0.02, ceiling=0.3, max_change=0.5, notice_bars=1, mm_fraction=0.5)
+        path = EwmaCcpPolicy().path(PolicyContext(bars=bars, controls=ctl))
+        assert path.im_requested is not None and path.im_requested.max() > 0.3 / 0.5  # the request passes 2x ceiling
+        half = scaled_path(path, 0.5, ctl)
+        assert np.isclose(half.im_rate.max(), 0.3)  # the ceiling binds at its own level ...
+        assert np.isclose(scaled_path(path, 0.5, None).im_rate.max(), 0.15)  # ... not at 0.5 x 0.3
+        once = apply_controls(np.minimum(path.im_requested * 0.5, 1.0), ctl)
+        np.testing.assert_array_equal(half.im_rate, once.im_new)
+        np.testing.assert_array_equal(half.mm_rate, once.mm_open)
+        # scaling composes: half of double is the original request
+        np.testing.assert_allclose(scaled_path(scaled_path(path, 2.0, ctl), 0.5, ctl).im_rate, path.im_rate)
+
     def test_horizon_breaches_hand_example(self) -> None:
         close = np.array([100.0, 90.0, 95.0, 120.0, 100.0])
         longs, shorts = horizon_breaches(close, np.full(5, 0.04), 0, 2)
