@@ -7,7 +7,7 @@ locked / exposure, a denominator that does not depend on the policy). At a colla
   (a fraction of IM, or a fixed rate with MM <= IM) the IM that locks ``c`` (within ``tol`` of collateral) is
   found by bisection with the simulation, and among those pairs the one with the fewest liquidations whose
   bad debt is at most ``bad_debt_tolerance`` wins (none qualifies: the one with the least bad debt);
-* a deployable policy is brought to a budget by one scale on its IM path (through the controls again),
+* a deployable policy is brought to a budget by one scale on its IM before its controls (then the controls once),
   chosen on the bars BEFORE the cut (:func:`scale_to_budget`), and compared at its own held-out collateral;
 * :func:`share_of_bound` is ``(L_static - L_policy) / (L_static - L_bound)``, defined only when the policy's
   bad debt is at most ``max(tolerance, best static's)``.

@@ -13,8 +13,9 @@ tools (:mod:`backtest.budgets`, :mod:`backtest.fit`), as the held-out headline d
 * ``predictive`` with ``fit``: :func:`backtest.fit.fit_predictive` in budget mode
   (``target_avg_collateral``): the best shape with its level solved for the budget;
 * every other policy (``ewma_ccp``, ``garch_fhs``, a registered kind, a fitted policy that still misses by
-  more than ``tol``): one scale on its IM path (:func:`backtest.budgets.scale_to_budget`), applied through the
-  controls again at every later use (:class:`ScaledPolicy`); a policy with its own ``with_scale(factor)`` (the
+  more than ``tol``): one scale on its IM before its controls (``MarginPath.im_requested``;
+  :func:`backtest.budgets.scale_to_budget`), the controls applied once at every later use (:class:`ScaledPolicy`),
+  so the floor and ceiling stay the controls'; a policy with its own ``with_scale(factor)`` (the
   dynamic grid, :class:`stress.grid.GridPerpPolicy`: its raw spot range, its MM fraction kept) is scaled
   through it.
 
@@ -134,7 +135,7 @@ def place_population(n_bars: int, start: int, end: int, cfg: PopulationConfig) -
 
 @dataclass(frozen=True)
 class ScaledPolicy:
-    """``policy`` with its IM multiplied by ``scale`` (then through the context's controls again)."""
+    """``policy`` with its IM before the controls multiplied by ``scale``, then the context's controls."""
 
     policy: Any
     scale: float
