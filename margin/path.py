@@ -42,7 +42,7 @@ class MarginPath:
     mm_binds : {"path", "entry"}
         Whether open positions follow the path's MM or keep the MM of their entry bar.
     im_requested : np.ndarray, optional
-        The policy's own IM per bar before the controls (finite, > 0; may exceed the ceiling): what
+        The policy's own IM per bar before the controls (finite, >= 0; may exceed the ceiling): what
         :func:`backtest.budgets.scaled_path` scales to bring the policy to a capital budget before the controls
         apply once, so a scaled policy keeps the controls' floor and ceiling. None when the policy has none.
     """
@@ -79,9 +79,9 @@ class MarginPath:
             q = np.asarray(self.im_requested, dtype=np.float64).ravel()
             if q.size != n:
                 raise ValueError(f"MarginPath.im_requested has {q.size} values for {n} times")
-            if not np.all(np.isfinite(q) & (q > 0)):
-                i = int(np.flatnonzero(~(np.isfinite(q) & (q > 0)))[0])
-                raise ValueError(f"MarginPath.im_requested must be finite and > 0, got {float(q[i])!r} at {times[i]}")
+            if not np.all(np.isfinite(q) & (q >= 0)):
+                i = int(np.flatnonzero(~(np.isfinite(q) & (q >= 0)))[0])
+                raise ValueError(f"MarginPath.im_requested must be finite and >= 0, got {float(q[i])!r} at {times[i]}")
             q.setflags(write=False)
             object.__setattr__(self, "im_requested", q)
         if self.mm_pending is not None:
