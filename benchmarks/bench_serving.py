@@ -82,15 +82,11 @@ def _in_process(body: bytes, served: dict) -> dict:
     arriving at 5/s meets: caches the other process and the host have used in between)."""
     from margin.accounts import Portfolio
     from margin.engine import compute_margin
-    from margin.params import MarginParams, ParamsFile
     from margin.validation import validate_document
+    from serving.app import margin_params_file
     from serving.margin_api import dump_response, margin_response, parse_portfolio
 
-    seen: dict = {}
-    for _m, doc in sorted(served.items()):
-        prm = MarginParams.from_dict(doc)
-        seen.setdefault(prm.market_id, prm)
-    params = ParamsFile(markets=tuple(seen.values()))
+    params = margin_params_file(served)
 
     def plain() -> bytes:
         doc = json.loads(body)

@@ -32,7 +32,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,6 +229,18 @@ def _now_s() -> int:
     return int(time.time())
 
 
+def margin_params_file(params_by_market: Mapping[str, Mapping[str, Any]]) -> Any:
+    """The ``ParamsFile`` the margin route uses: each market's ``MarginParams`` document (a record's
+    ``params``), one per underlying (``market_id``), the first market in sorted order winning."""
+    from margin.params import MarginParams, ParamsFile
+
+    seen: dict[str, Any] = {}
+    for _m, doc in sorted(params_by_market.items()):
+        p = MarginParams.from_dict(doc)
+        seen.setdefault(p.market_id, p)
+    return ParamsFile(markets=tuple(seen.values()))
+
+
 def create_app(markets: MarketsFile, store: FeedStore | str | Path | None = None,
                settings: ServiceSettings | None = None) -> FastAPI:
     """The FastAPI application of the feed (see the module docstring).
@@ -321,8 +333,6 @@ def create_app(markets: MarketsFile, store: FeedStore | str | Path | None = None
         return Response(content=body, media_type="application/json", headers={"cache-control": "no-store"})
 
     def current_params() -> tuple[Any, dict[str, str]]:
-        from margin.params import MarginParams, ParamsFile
-
         docs = {}
         stale = {}
         for m in markets.markets:
@@ -334,11 +344,7 @@ def create_app(markets: MarketsFile, store: FeedStore | str | Path | None = None
         key = tuple(sorted((m, int(r["update_id"])) for m, r in docs.items()))
         pf = params_cache.get(key)
         if pf is None:
-            seen: dict[str, Any] = {}
-            for _m, r in sorted(docs.items()):
-                p = MarginParams.from_dict(r["params"])
-                seen.setdefault(p.market_id, p)
-            pf = ParamsFile(markets=tuple(seen.values()))
+            pf = margin_params_file({m: r["params"] for m, r in docs.items()})
             params_cache.clear()
             params_cache[key] = pf
         return pf, stale

@@ -591,14 +591,17 @@ def selection_test(settings: HpoSettings, search: SearchResult, champion: ModelS
     from training.tests import superior_predictive_ability
 
     ok = [t for t in search.trials if t.ok and t.losses]
+    out: dict[str, Any] = {"test": "Hansen (2005) SPA, consistent p-value, stationary bootstrap",
+                           "benchmark": champion.key, "trials": len(ok), "pvalue": None}
+    if not ok:  # nothing to test: no walk-forward of the champion either
+        out["error"] = "no completed trial with per-origin losses"
+        return out
     base = _base_task(settings, frame)
     bench = evaluate_trial(TrialTask(**{**asdict_shallow(base), "model_name": champion.name,
                                         "model_key": champion.key, "params": dict(champion.params),
                                         "refit_every": champion.refit_every or base.refit_every}))
-    out: dict[str, Any] = {"test": "Hansen (2005) SPA, consistent p-value, stationary bootstrap",
-                           "benchmark": champion.key, "trials": len(ok), "pvalue": None}
-    if not ok or not bench.ok:
-        out["error"] = bench.error or "no completed trial with per-origin losses"
+    if not bench.ok:
+        out["error"] = bench.error
         return out
 
     def series(t: TrialResult) -> pd.Series:
